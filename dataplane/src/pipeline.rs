@@ -1,0 +1,716 @@
+//! The packet pipeline: a pure function over a batch of frames.
+//!
+//! [`process_batch`] owns no I/O. The AF_XDP workers call it on frames in UMEM; tests, fixtures,
+//! fuzzing and benchmarks call it on frames in ordinary buffers. It reads one [`Tables`]
+//! generation for the whole batch (the caller loads it once per batch) and mutates only the
+//! worker's own state (conntrack, fragment table, counters, RNG) plus the shared affinity table
+//! and backend connection counts, which it touches only when a flow is created or ends.
+//!
+//! Per frame, in order:
+//! 1. Parse Ethernet (with up to two VLAN tags) and IPv4. ARP, IPv6 and other EtherTypes go to
+//!    the kernel; truncated or inconsistent headers and bad IP checksums are counted drops.
+//! 2. A TTL that would expire goes to the kernel, which sends the time-exceeded error.
+//! 3. Fragments: first fragments are processed normally and remembered; later fragments get
+//!    their datagram's translation (see [`crate::frag`]).
+//! 4. TCP and UDP: a conntrack hit is translated (DNAT forward, reverse NAT on replies) after
+//!    checking, once per table generation, that its backend still exists: a removed backend's
+//!    TCP flows get a reset, its UDP flows move to a live backend on their next packet. A miss on
+//!    a frontend creates a flow (session affinity, then the service's scheduler) or, with no
+//!    usable endpoint, rejects it (TCP reset, ICMP port unreachable for UDP). Traffic to a pod
+//!    address is forwarded as is; anything else goes to the kernel.
+//! 5. ICMP: echo requests to a service address are answered; errors that embed a translated
+//!    flow's header are translated (outer and inner), so the client sees them come from the
+//!    service address.
+//! 6. Forwarding decrements the TTL and rewrites the MACs from the next-hop table; with no next
+//!    hop known the packet goes to the kernel, which routes it (and resolves ARP).
+//!
+//! Checksums are updated incrementally (RFC 1624). Every drop and pass has a reason and a
+//! counter. Nothing here allocates.
+
+use std::sync::Arc;
+
+use crate::affinity::AffinityTable;
+use crate::balance::{ConnCounts, FastRng, PickKey};
+use crate::conntrack::{Conntrack, Dir, Flow, FlowKey, Timeouts};
+use crate::counters::{Counters, DropReason, PassReason};
+use crate::frag::FragTable;
+use crate::tables::{Frontend, FrontendKey, ServicePort, Tables};
+use crate::wire::{
+    self, csum_fold, csum_partial, csum_replace2, ip, rd16, rd32, tcp_flags, wr16, wr32, Offsets,
+    Parsed, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+};
+
+/// First port of the source-NAT range (Linux's ephemeral range).
+pub const SNAT_PORT_MIN: u16 = 32768;
+/// Last port of the source-NAT range.
+pub const SNAT_PORT_MAX: u16 = 60999;
+const SNAT_PROBES: u32 = 64;
+const NS: u64 = 1_000_000_000;
+
+/// One frame of a batch.
+pub struct Frame<'a> {
+    /// The frame's buffer, from the first byte of the packet to the end of its room. Replies
+    /// (resets, ICMP errors) are built in place and may use room past `len`.
+    pub buf: &'a mut [u8],
+    /// Length of the packet in `buf`; updated when the pipeline changes it.
+    pub len: usize,
+    /// Interface it arrived on.
+    pub ifindex: u32,
+}
+
+/// What to do with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transmit `len` bytes of the (rewritten) frame on this interface.
+    Tx {
+        /// Egress interface index.
+        ifindex: u32,
+    },
+    /// Hand the frame to the kernel (unchanged, except after a translation whose next hop is
+    /// unknown: [`PassReason::NoNextHop`]).
+    Pass(PassReason),
+    /// Drop it.
+    Drop(DropReason),
+}
+
+/// Sizes and settings of a worker.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// This worker's index, `0..workers`.
+    pub worker_id: u16,
+    /// How many workers there are (source-NAT ports are split among them).
+    pub workers: u16,
+    /// Conntrack capacity in flows.
+    pub conntrack_capacity: usize,
+    /// Conntrack timeouts.
+    pub timeouts: Timeouts,
+    /// Fragment table capacity in datagrams.
+    pub frag_capacity: usize,
+    /// RNG seed.
+    pub seed: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            worker_id: 0,
+            workers: 1,
+            conntrack_capacity: 1 << 18,
+            timeouts: Timeouts::default(),
+            frag_capacity: 4096,
+            seed: 0x5eed,
+        }
+    }
+}
+
+/// State shared by all workers.
+pub struct Shared {
+    /// Per-backend connection counts (for the least-connection schedulers).
+    pub conns: Arc<ConnCounts>,
+    /// ClientIP affinity.
+    pub affinity: Arc<AffinityTable>,
+}
+
+impl Shared {
+    /// Shared state for backend ids below `max_backends` and about `affinity_capacity` clients.
+    pub fn new(max_backends: usize, affinity_capacity: usize) -> Self {
+        Self {
+            conns: Arc::new(ConnCounts::new(max_backends)),
+            affinity: Arc::new(AffinityTable::new(affinity_capacity)),
+        }
+    }
+}
+
+/// Everything one worker owns.
+pub struct WorkerState {
+    /// Connection table.
+    pub ct: Conntrack,
+    /// Fragment table.
+    pub frags: FragTable,
+    /// Counters.
+    pub counters: Counters,
+    affinity: Arc<AffinityTable>,
+    conns: Arc<ConnCounts>,
+    rng: FastRng,
+    worker_id: u16,
+    workers: u16,
+}
+
+impl WorkerState {
+    /// A worker with the given sizes, sharing `shared`.
+    pub fn new(cfg: &WorkerConfig, shared: &Shared) -> Self {
+        Self {
+            ct: Conntrack::new(cfg.conntrack_capacity, cfg.timeouts, shared.conns.clone()),
+            frags: FragTable::new(cfg.frag_capacity),
+            counters: Counters::default(),
+            affinity: shared.affinity.clone(),
+            conns: shared.conns.clone(),
+            rng: FastRng::new(cfg.seed ^ (u64::from(cfg.worker_id) << 32)),
+            worker_id: cfg.worker_id,
+            workers: cfg.workers.max(1),
+        }
+    }
+    /// The shared affinity table.
+    pub fn affinity(&self) -> &AffinityTable {
+        &self.affinity
+    }
+}
+
+/// Processes a batch: `verdicts[i]` is set for `frames[i]` (both must be the same length; extra
+/// entries of the longer one are ignored). `now` is a monotonic clock in nanoseconds.
+pub fn process_batch(
+    frames: &mut [Frame<'_>],
+    verdicts: &mut [Verdict],
+    tables: &Tables,
+    w: &mut WorkerState,
+    now: u64,
+) {
+    for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+        w.counters.rx += 1;
+        let verdict = process_one(f, tables, w, now);
+        match verdict {
+            Verdict::Tx { .. } => w.counters.tx += 1,
+            Verdict::Pass(r) => w.counters.passed(r),
+            Verdict::Drop(r) => w.counters.dropped(r),
+        }
+        *v = verdict;
+    }
+}
+
+#[inline]
+fn process_one(f: &mut Frame<'_>, t: &Tables, w: &mut WorkerState, now: u64) -> Verdict {
+    let len = f.len.min(f.buf.len());
+    f.len = len;
+    let o = match wire::parse(&f.buf[..len]) {
+        Parsed::Ipv4(o) => o,
+        Parsed::Arp => return Verdict::Pass(PassReason::Arp),
+        Parsed::Ipv6 => return Verdict::Pass(PassReason::Ipv6),
+        Parsed::OtherEthertype => return Verdict::Pass(PassReason::OtherEthertype),
+        Parsed::EthTruncated => return Verdict::Drop(DropReason::EthTruncated),
+        Parsed::IpMalformed => return Verdict::Drop(DropReason::IpMalformed),
+        Parsed::IpChecksum => return Verdict::Drop(DropReason::IpChecksum),
+        Parsed::L4Malformed => return Verdict::Drop(DropReason::L4Malformed),
+    };
+    // Ethernet padding is not part of the datagram and must not be forwarded as if it were.
+    f.len = o.end;
+    if ip::ttl(f.buf, o.l3) <= 1 {
+        return Verdict::Pass(PassReason::TtlExpired);
+    }
+    match o.proto {
+        IPPROTO_TCP | IPPROTO_UDP if o.has_l4 => l4(f, &o, t, w, now),
+        IPPROTO_TCP | IPPROTO_UDP => later_fragment(f, &o, t, w, now),
+        IPPROTO_ICMP if !o.fragment => icmp(f, &o, t, w, now),
+        _ => {
+            let dst = ip::dst(f.buf, o.l3);
+            if t.is_vip(dst) {
+                Verdict::Drop(DropReason::VipNoPort)
+            } else {
+                Verdict::Pass(PassReason::OtherProto)
+            }
+        }
+    }
+}
+
+/// Reads the tuple of a TCP/UDP datagram whose L4 header is present.
+#[inline(always)]
+fn tuple(b: &[u8], o: &Offsets) -> FlowKey {
+    FlowKey {
+        src: ip::src(b, o.l3),
+        dst: ip::dst(b, o.l3),
+        sport: rd16(b, o.l4),
+        dport: rd16(b, o.l4 + 2),
+        proto: o.proto,
+    }
+}
+
+#[inline]
+fn l4(f: &mut Frame<'_>, o: &Offsets, t: &Tables, w: &mut WorkerState, now: u64) -> Verdict {
+    let key = tuple(f.buf, o);
+    if o.fragment {
+        let id = ip::id(f.buf, o.l3);
+        w.frags.insert(key.src, key.dst, id, key.proto, (key.sport, key.dport), now);
+    }
+    let flags = if o.proto == IPPROTO_TCP { f.buf[o.l4 + 13] } else { 0 };
+    let h = w.ct.hash(&key);
+    if let Some((idx, dir)) = w.ct.lookup_hashed(&key, h, now) {
+        return known_flow(f, o, t, w, now, key, h, idx, dir, flags);
+    }
+    if let Some(fe) = t.frontend(&FrontendKey { ip: key.dst, port: key.dport, proto: key.proto })
+    {
+        return new_flow(f, o, t, w, now, key, h, *fe, flags);
+    }
+    if t.is_vip(key.dst) {
+        return Verdict::Drop(DropReason::VipNoPort);
+    }
+    forward_plain(f, o, t, w, key.dst)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn known_flow(
+    f: &mut Frame<'_>,
+    o: &Offsets,
+    t: &Tables,
+    w: &mut WorkerState,
+    now: u64,
+    key: FlowKey,
+    h: u64,
+    idx: u32,
+    dir: Dir,
+    flags: u8,
+) -> Verdict {
+    let flow = *w.ct.flow(idx);
+    if flow.generation != t.generation() && flow.service != 0 {
+        let alive = t.service(flow.service).is_some_and(|s| s.backend(flow.backend).is_some());
+        if !alive {
+            let service_gone = t.service(flow.service).is_none();
+            w.ct.remove(idx);
+            if dir == Dir::Orig && key.proto == IPPROTO_UDP {
+                // Stale UDP conntrack is kube-proxy's most reported bug: re-balance at once.
+                if let Some(fe) =
+                    t.frontend(&FrontendKey { ip: key.dst, port: key.dport, proto: key.proto })
+                {
+                    w.counters.udp_rebalanced += 1;
+                    return new_flow(f, o, t, w, now, key, h, *fe, flags);
+                }
+            }
+            let reason =
+                if service_gone { DropReason::ServiceRemoved } else { DropReason::BackendRemoved };
+            if dir == Dir::Orig && key.proto == IPPROTO_TCP && flags & tcp_flags::RST == 0 {
+                w.counters.dropped(reason);
+                return reject(f, o, w);
+            }
+            return Verdict::Drop(reason);
+        }
+        w.ct.flow_mut(idx).generation = t.generation();
+    }
+    w.ct.on_packet(idx, dir, flags, now);
+    let to = match dir {
+        Dir::Orig => {
+            w.counters.nat_forward += 1;
+            flow.reply
+        }
+        Dir::Reply => {
+            w.counters.nat_reply += 1;
+            flow.orig
+        }
+    };
+    // A packet of this direction is rewritten to the reverse of the other direction's tuple.
+    wire::rewrite_tuple(
+        f.buf,
+        o.l3,
+        o.l4,
+        o.proto,
+        true,
+        o.end - o.l4,
+        to.dst,
+        to.src,
+        to.dport,
+        to.sport,
+    );
+    forward(f, o, t, to.src)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn new_flow(
+    f: &mut Frame<'_>,
+    o: &Offsets,
+    t: &Tables,
+    w: &mut WorkerState,
+    now: u64,
+    key: FlowKey,
+    h: u64,
+    fe: Frontend,
+    flags: u8,
+) -> Verdict {
+    if key.proto == IPPROTO_TCP && flags & tcp_flags::RST != 0 {
+        return Verdict::Drop(DropReason::TcpNoFlow);
+    }
+    let Some(svc) = t.service(fe.service) else {
+        return Verdict::Drop(DropReason::ServiceRemoved);
+    };
+    let Some(ci) = choose(svc, &key, h, w, now) else {
+        w.counters.dropped(DropReason::NoEndpoints);
+        return reject(f, o, w);
+    };
+    let cand = svc.candidates()[usize::from(ci)];
+    let local = svc.backend(cand.id).is_none_or(|b| b.local);
+    // Hairpin (a client reaching itself through the service) and masqueraded external
+    // traffic to other nodes need the source rewritten so replies come back through us.
+    let snat = cand.ip == key.src || (fe.masquerade_remote && !local);
+    let mut reply = FlowKey {
+        src: cand.ip,
+        dst: key.src,
+        sport: cand.port,
+        dport: key.sport,
+        proto: key.proto,
+    };
+    if snat {
+        let Some(sip) = t.snat_ip() else {
+            // Without an address to masquerade to, send it unmasqueraded (as before SNAT was
+            // configured): the kernel path would behave the same.
+            return finish_new(f, o, t, w, now, key, reply, svc, cand.id, flags);
+        };
+        reply.dst = u32::from(sip);
+        let Some(port) = snat_port(w, &reply, h, now) else {
+            return Verdict::Drop(DropReason::SnatExhausted);
+        };
+        reply.dport = port;
+        w.counters.snat_flows += 1;
+    } else if w.ct.contains(&reply, now) {
+        // The backend already talks to this client from this very tuple (a direct
+        // connection): translate this one through a source port of our own.
+        let Some(sip) = t.snat_ip() else {
+            return Verdict::Drop(DropReason::SnatExhausted);
+        };
+        reply.dst = u32::from(sip);
+        let Some(port) = snat_port(w, &reply, h, now) else {
+            return Verdict::Drop(DropReason::SnatExhausted);
+        };
+        reply.dport = port;
+        w.counters.snat_flows += 1;
+    }
+    finish_new(f, o, t, w, now, key, reply, svc, cand.id, flags)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn finish_new(
+    f: &mut Frame<'_>,
+    o: &Offsets,
+    t: &Tables,
+    w: &mut WorkerState,
+    now: u64,
+    key: FlowKey,
+    reply: FlowKey,
+    svc: &ServicePort,
+    backend: u32,
+    flags: u8,
+) -> Verdict {
+    if let Some(timeout) = svc.spec().affinity_timeout_s {
+        w.affinity.insert(svc.id(), key.src, backend, now + u64::from(timeout) * NS, now);
+    }
+    w.ct.insert(Flow::new(key, reply, svc.id(), backend, t.generation()), flags, now);
+    w.counters.nat_new += 1;
+    wire::rewrite_tuple(
+        f.buf,
+        o.l3,
+        o.l4,
+        o.proto,
+        true,
+        o.end - o.l4,
+        reply.dst,
+        reply.src,
+        reply.dport,
+        reply.sport,
+    );
+    forward(f, o, t, reply.src)
+}
+
+/// Affinity first, then the scheduler. Returns an index into the service's candidates.
+#[inline]
+fn choose(svc: &ServicePort, key: &FlowKey, h: u64, w: &mut WorkerState, now: u64) -> Option<u16> {
+    if svc.spec().affinity_timeout_s.is_some() {
+        if let Some(bid) = w.affinity.lookup(svc.id(), key.src, now) {
+            if let Some(i) = svc.candidates().iter().position(|c| c.id == bid) {
+                w.counters.affinity_hits += 1;
+                return Some(i as u16);
+            }
+            // The remembered backend is gone or no longer selectable.
+            w.affinity.remove(svc.id(), key.src);
+        }
+    }
+    let pk = PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: h };
+    svc.scheduler().pick(svc.candidates(), &pk, &w.conns, &mut w.rng)
+}
+
+/// A free source-NAT port for `reply` (whose `dst` is the SNAT address), from this worker's
+/// share of the range, so workers never hand out the same port.
+fn snat_port(w: &mut WorkerState, reply: &FlowKey, h: u64, now: u64) -> Option<u16> {
+    let n = u32::from(w.workers);
+    let span = (u32::from(SNAT_PORT_MAX) - u32::from(SNAT_PORT_MIN) + 1) / n;
+    let start = (h >> 16) as u32 % span;
+    for i in 0..SNAT_PROBES.min(span) {
+        let slot = (start + i) % span;
+        let port = (u32::from(SNAT_PORT_MIN) + slot * n + u32::from(w.worker_id)) as u16;
+        let k = FlowKey { dport: port, ..*reply };
+        if !w.ct.contains(&k, now) {
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// Non-first fragments: translate by the datagram's remembered ports.
+fn later_fragment(
+    f: &mut Frame<'_>,
+    o: &Offsets,
+    t: &Tables,
+    w: &mut WorkerState,
+    now: u64,
+) -> Verdict {
+    let b = &*f.buf;
+    let (src, dst, id) = (ip::src(b, o.l3), ip::dst(b, o.l3), ip::id(b, o.l3));
+    let Some((sport, dport)) = w.frags.lookup(src, dst, id, o.proto, now) else {
+        return if t.is_vip(dst) {
+            Verdict::Drop(DropReason::FragmentUnknown)
+        } else {
+            Verdict::Pass(PassReason::FragmentUnknown)
+        };
+    };
+    let key = FlowKey { src, dst, sport, dport, proto: o.proto };
+    match w.ct.lookup(&key, now) {
+        Some((idx, dir)) => {
+            let flow = *w.ct.flow(idx);
+            let to = if dir == Dir::Orig { flow.reply } else { flow.orig };
+            wire::rewrite_tuple(f.buf, o.l3, o.l4, o.proto, false, 0, to.dst, to.src, 0, 0);
+            w.counters.fragments_translated += 1;
+            forward(f, o, t, to.src)
+        }
+        None => forward_plain(f, o, t, w, dst),
+    }
+}
+
+/// Untranslated traffic: forwarded only to pod addresses we have a host route for.
+#[inline]
+fn forward_plain(
+    f: &mut Frame<'_>,
+    o: &Offsets,
+    t: &Tables,
+    w: &mut WorkerState,
+    dst: u32,
+) -> Verdict {
+    if t.routes().host(dst).is_none() {
+        return Verdict::Pass(PassReason::NotOurs);
+    }
+    w.counters.forwarded_plain += 1;
+    forward(f, o, t, dst)
+}
+
+/// TTL decrement and MAC rewrite towards `dst`.
+#[inline]
+fn forward(f: &mut Frame<'_>, o: &Offsets, t: &Tables, dst: u32) -> Verdict {
+    let Some(hop) = t.routes().lookup(dst) else {
+        return Verdict::Pass(PassReason::NoNextHop);
+    };
+    ip::dec_ttl(f.buf, o.l3);
+    f.buf[0..6].copy_from_slice(&hop.dst_mac);
+    f.buf[6..12].copy_from_slice(&hop.src_mac);
+    Verdict::Tx { ifindex: hop.ifindex }
+}
+
+fn swap_macs(b: &mut [u8]) {
+    let mut tmp = [0u8; 6];
+    tmp.copy_from_slice(&b[0..6]);
+    b.copy_within(6..12, 0);
+    b[6..12].copy_from_slice(&tmp);
+}
+
+/// Answers the sender of a TCP/UDP packet that cannot be served: a TCP reset, or ICMP port
+/// unreachable for UDP, from the address and port it sent to, out of the interface it came in
+/// on. The frame is rewritten in place.
+fn reject(f: &mut Frame<'_>, o: &Offsets, w: &mut WorkerState) -> Verdict {
+    let ok = if o.proto == IPPROTO_TCP { build_rst(f, o) } else { build_port_unreachable(f, o) };
+    if !ok {
+        return Verdict::Drop(DropReason::NoRoom);
+    }
+    w.counters.rejects_sent += 1;
+    Verdict::Tx { ifindex: f.ifindex }
+}
+
+fn write_ipv4_header(b: &mut [u8], l3: usize, total: u16, proto: u8, src: u32, dst: u32) {
+    b[l3] = 0x45;
+    b[l3 + 1] = 0;
+    wr16(b, l3 + 2, total);
+    wr16(b, l3 + 4, 0);
+    wr16(b, l3 + 6, 0x4000); // DF
+    b[l3 + 8] = 64;
+    b[l3 + 9] = proto;
+    wr32(b, l3 + 12, src);
+    wr32(b, l3 + 16, dst);
+    ip::fill_checksum(b, l3);
+}
+
+/// Fills the TCP checksum of a segment at `l4` of length `len` (pseudo-header included).
+fn fill_tcp_checksum(b: &mut [u8], l3: usize, l4: usize, len: usize) {
+    wr16(b, l4 + 16, 0);
+    let mut sum = csum_partial(&b[l3 + 12..l3 + 20], 0);
+    sum += u32::from(IPPROTO_TCP) + len as u32;
+    sum = csum_partial(&b[l4..l4 + len], sum);
+    wr16(b, l4 + 16, csum_fold(sum));
+}
+
+/// RFC 793 reset generation: answer with the peer's ACK as our sequence number, or with an
+/// ACK of everything it sent.
+fn build_rst(f: &mut Frame<'_>, o: &Offsets) -> bool {
+    let b = &mut *f.buf;
+    let (l3, l4) = (o.l3, o.l4);
+    if b.len() < l3 + 40 {
+        return false;
+    }
+    let src = ip::src(b, l3);
+    let dst = ip::dst(b, l3);
+    let sport = rd16(b, l4);
+    let dport = rd16(b, l4 + 2);
+    let seq = rd32(b, l4 + 4);
+    let ack = rd32(b, l4 + 8);
+    let flags = b[l4 + 13];
+    let doff = usize::from(b[l4 + 12] >> 4) * 4;
+    let payload = (o.end - l4 - doff) as u32;
+    let (rseq, rack, rflags) = if flags & tcp_flags::ACK != 0 {
+        (ack, 0, tcp_flags::RST)
+    } else {
+        let span = payload
+            + u32::from(flags & tcp_flags::SYN != 0)
+            + u32::from(flags & tcp_flags::FIN != 0);
+        (0, seq.wrapping_add(span), tcp_flags::RST | tcp_flags::ACK)
+    };
+    swap_macs(b);
+    write_ipv4_header(b, l3, 40, IPPROTO_TCP, dst, src);
+    let t = l3 + 20;
+    wr16(b, t, dport);
+    wr16(b, t + 2, sport);
+    wr32(b, t + 4, rseq);
+    wr32(b, t + 8, rack);
+    b[t + 12] = 5 << 4;
+    b[t + 13] = rflags;
+    wr16(b, t + 14, 0);
+    wr16(b, t + 18, 0);
+    fill_tcp_checksum(b, l3, t, 20);
+    f.len = l3 + 40;
+    true
+}
+
+/// ICMP destination unreachable, port unreachable (RFC 792), quoting the IP header and the
+/// first 8 bytes of the offending datagram.
+fn build_port_unreachable(f: &mut Frame<'_>, o: &Offsets) -> bool {
+    let b = &mut *f.buf;
+    let l3 = o.l3;
+    let ihl = ip::hlen(b, l3);
+    let quoted = (ihl + 8).min(o.end - l3);
+    let total = 20 + 8 + quoted;
+    if b.len() < l3 + total {
+        return false;
+    }
+    let src = ip::src(b, l3);
+    let dst = ip::dst(b, l3);
+    b.copy_within(l3..l3 + quoted, l3 + 28);
+    swap_macs(b);
+    write_ipv4_header(b, l3, total as u16, IPPROTO_ICMP, dst, src);
+    let i = l3 + 20;
+    b[i] = 3;
+    b[i + 1] = 3;
+    wr16(b, i + 2, 0);
+    wr32(b, i + 4, 0);
+    let c = csum_fold(csum_partial(&b[i..i + 8 + quoted], 0));
+    wr16(b, i + 2, c);
+    f.len = l3 + total;
+    true
+}
+
+fn icmp(f: &mut Frame<'_>, o: &Offsets, t: &Tables, w: &mut WorkerState, now: u64) -> Verdict {
+    let (l3, l4) = (o.l3, o.l4);
+    let ty = f.buf[l4];
+    let dst = ip::dst(f.buf, l3);
+    match ty {
+        8 if t.is_vip(dst) => {
+            // Echo request to a service address: answer it, as Cilium does.
+            let b = &mut *f.buf;
+            let src = ip::src(b, l3);
+            // Swapping the addresses leaves the IP header checksum as it was.
+            wr32(b, l3 + 12, dst);
+            wr32(b, l3 + 16, src);
+            let old = rd16(b, l4);
+            b[l4] = 0;
+            let c = csum_replace2(rd16(b, l4 + 2), old, rd16(b, l4));
+            wr16(b, l4 + 2, c);
+            swap_macs(b);
+            w.counters.echo_replies += 1;
+            Verdict::Tx { ifindex: f.ifindex }
+        }
+        3 | 11 | 12 => icmp_error(f, o, t, w, now),
+        _ if t.is_vip(dst) => Verdict::Drop(DropReason::IcmpToVip),
+        _ => forward_plain(f, o, t, w, dst),
+    }
+}
+
+/// Translates an ICMP error whose quoted datagram belongs to a translated flow.
+fn icmp_error(f: &mut Frame<'_>, o: &Offsets, t: &Tables, w: &mut WorkerState, now: u64) -> Verdict {
+    let (l3, l4, end) = (o.l3, o.l4, o.end);
+    let outer_dst = ip::dst(f.buf, l3);
+    let il3 = l4 + 8;
+    // The quoted header must be whole, with at least the 8 bytes that hold the ports.
+    let inner = (|| {
+        let b = &*f.buf;
+        if end < il3 + 20 || b[il3] >> 4 != 4 {
+            return None;
+        }
+        let ihl = ip::hlen(b, il3);
+        let il4 = il3 + ihl;
+        if ihl < 20 || end < il4 + 8 {
+            return None;
+        }
+        let proto = b[il3 + 9];
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            return None;
+        }
+        let k = FlowKey {
+            src: ip::src(b, il3),
+            dst: ip::dst(b, il3),
+            sport: rd16(b, il4),
+            dport: rd16(b, il4 + 2),
+            proto,
+        };
+        Some((il4, k))
+    })();
+    let Some((il4, quoted)) = inner else {
+        return if t.is_vip(outer_dst) {
+            Verdict::Drop(DropReason::IcmpToVip)
+        } else {
+            forward_plain(f, o, t, w, outer_dst)
+        };
+    };
+    // The quoted datagram travelled the other way: its reverse is the key this error's
+    // direction would have.
+    let Some((idx, dir)) = w.ct.lookup(&quoted.reversed(), now) else {
+        return if t.is_vip(outer_dst) {
+            Verdict::Drop(DropReason::IcmpToVip)
+        } else {
+            forward_plain(f, o, t, w, outer_dst)
+        };
+    };
+    let flow = *w.ct.flow(idx);
+    // `seen` is the tuple the quoted datagram should show; `to` the outer addresses.
+    let (seen, outer_src_from, outer_src_to, new_dst) = match dir {
+        // Error about a forward packet (sent by the backend or a router on its way): the
+        // client must see its own datagram to the service address.
+        Dir::Reply => (flow.orig, flow.reply.src, flow.orig.dst, flow.orig.src),
+        // Error sent by the client about a reply: the backend must see its own datagram.
+        Dir::Orig => (flow.reply, flow.orig.src, flow.reply.dst, flow.reply.src),
+    };
+    let b = &mut *f.buf;
+    let outer_src = ip::src(b, l3);
+    let new_src = if outer_src == outer_src_from { outer_src_to } else { outer_src };
+    wire::rewrite_tuple(
+        b,
+        il3,
+        il4,
+        quoted.proto,
+        true,
+        end - il4,
+        seen.src,
+        seen.dst,
+        seen.sport,
+        seen.dport,
+    );
+    ip::set_addr(b, l3, 12, new_src);
+    ip::set_addr(b, l3, 16, new_dst);
+    // The ICMP checksum covers the quoted bytes, several of which changed: recompute it
+    // (errors are rare and short).
+    wr16(b, l4 + 2, 0);
+    let c = csum_fold(csum_partial(&b[l4..end], 0));
+    wr16(b, l4 + 2, c);
+    w.counters.icmp_errors_translated += 1;
+    forward(f, o, t, new_dst)
+}

@@ -1,0 +1,491 @@
+//! The lookup tables workers read: an immutable snapshot with a generation number.
+//!
+//! Invariants:
+//! - A [`Tables`] value never changes after it is built; a new generation is a new value,
+//!   published by an atomic pointer swap and loaded by each worker once per batch. A worker
+//!   therefore sees one consistent generation for a whole batch.
+//! - Service ids and backend ids are stable across generations and never 0 (0 is reserved as
+//!   "invalid", so a zeroed conntrack slot can never name a live backend). Conntrack entries
+//!   remember ids, not pointers, and are re-validated against a newer generation on their next
+//!   packet.
+//! - Each service port's backends are sorted by id, so table dumps and selection are
+//!   deterministic, and membership checks are a binary search.
+//! - Service ports are held behind `Arc`, so a generation that changes one service shares every
+//!   other service's data with the previous generation instead of copying it.
+
+use core::net::Ipv4Addr;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use ahash::RandomState;
+use serde::{Deserialize, Serialize};
+
+use crate::balance::{Algorithm, Candidate, Scheduler};
+use crate::wire::{IPPROTO_TCP, IPPROTO_UDP};
+
+/// Stable backend id; 0 is invalid.
+pub type BackendId = u32;
+/// Stable service-port id; 0 is invalid.
+pub type ServiceId = u32;
+
+/// Default Maglev table size (a prime, as Maglev requires).
+pub const DEFAULT_MAGLEV_SIZE: u32 = 65_537;
+/// Default ClientIP affinity timeout (Kubernetes' default, 3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
+/// L4 protocol of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+    /// From an IP protocol number.
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            IPPROTO_TCP => Some(Protocol::Tcp),
+            IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// Key of the frontend table: what a client sends to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    /// Address, host order.
+    pub ip: u32,
+    /// Port.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+}
+
+impl FrontendKey {
+    /// A key from parts.
+    pub fn new(ip: Ipv4Addr, port: u16, proto: Protocol) -> Self {
+        Self { ip: u32::from(ip), port, proto: proto.number() }
+    }
+}
+
+/// How a frontend is reached; decides source NAT for remote backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum FrontendKind {
+    /// A ClusterIP.
+    ClusterIp,
+    /// A NodePort on one of the node's addresses.
+    NodePort,
+    /// A LoadBalancer status ingress IP.
+    LoadBalancer,
+    /// An externalIP.
+    ExternalIp,
+}
+
+/// Value of the frontend table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    /// The service port it leads to.
+    pub service: ServiceId,
+    /// How it is reached.
+    pub kind: FrontendKind,
+    /// Source-NAT (masquerade) flows that go to a backend on another node, so replies come back
+    /// through this node (externalTrafficPolicy Cluster for external frontends).
+    pub masquerade_remote: bool,
+}
+
+/// One backend (endpoint address and target port) of a service port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    /// Stable id, never 0.
+    pub id: BackendId,
+    /// Address.
+    pub ip: Ipv4Addr,
+    /// Target port.
+    pub port: u16,
+    /// Weight for weighted algorithms (kube-proxy gives every endpoint 1).
+    pub weight: u16,
+    /// Node the endpoint runs on (may be empty).
+    pub node: String,
+    /// Zone of the endpoint (may be empty).
+    pub zone: String,
+    /// EndpointSlice condition `ready`.
+    pub ready: bool,
+    /// EndpointSlice condition `serving`.
+    pub serving: bool,
+    /// EndpointSlice condition `terminating`.
+    pub terminating: bool,
+    /// Whether the endpoint is on this node.
+    pub local: bool,
+}
+
+impl Backend {
+    /// A ready local-unknown backend with weight 1 (handy for tests and demos).
+    pub fn ready(id: BackendId, ip: Ipv4Addr, port: u16) -> Self {
+        Self {
+            id,
+            ip,
+            port,
+            weight: 1,
+            node: String::new(),
+            zone: String::new(),
+            ready: true,
+            serving: true,
+            terminating: false,
+            local: true,
+        }
+    }
+}
+
+/// Settings of one service port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// Stable id, never 0.
+    pub id: ServiceId,
+    /// Readable name, `namespace/name:port`.
+    pub name: String,
+    /// Protocol.
+    pub proto: Protocol,
+    /// Balancing algorithm.
+    pub algorithm: Algorithm,
+    /// ClientIP session affinity timeout in seconds, if affinity is on.
+    pub affinity_timeout_s: Option<u32>,
+    /// Maglev table size (prime); used only by [`Algorithm::Maglev`].
+    pub maglev_size: u32,
+}
+
+/// A service port as workers see it: its settings, every backend (in any state, sorted by id)
+/// and the prepared scheduler over the selectable ones.
+#[derive(Debug)]
+pub struct ServicePort {
+    spec: ServiceSpec,
+    backends: Box<[Backend]>,
+    /// Indices into `backends` that new flows may go to.
+    selectable: Box<[u16]>,
+    /// `selectable` as the scheduler sees it.
+    candidates: Box<[Candidate]>,
+    sched: Scheduler,
+}
+
+impl ServicePort {
+    /// Builds a service port. Backends are sorted by id; duplicates by id are dropped (the first
+    /// kept). New flows go, as kube-proxy does it, to ready backends, or when none is ready to
+    /// backends that are serving and terminating; if neither exists the port rejects new flows.
+    pub fn new(spec: ServiceSpec, mut backends: Vec<Backend>) -> Self {
+        backends.sort_by_key(|b| b.id);
+        backends.dedup_by_key(|b| b.id);
+        backends.truncate(usize::from(u16::MAX));
+        let ready: Vec<u16> =
+            (0..backends.len() as u16).filter(|&i| backends[usize::from(i)].ready).collect();
+        let selectable: Box<[u16]> = if ready.is_empty() {
+            (0..backends.len() as u16)
+                .filter(|&i| {
+                    let b = &backends[usize::from(i)];
+                    b.serving && b.terminating
+                })
+                .collect()
+        } else {
+            ready.into()
+        };
+        let candidates: Box<[Candidate]> = selectable
+            .iter()
+            .map(|&i| {
+                let b = &backends[usize::from(i)];
+                Candidate { id: b.id, ip: u32::from(b.ip), port: b.port, weight: b.weight }
+            })
+            .collect();
+        let sched = Scheduler::new(spec.algorithm, &candidates, spec.maglev_size);
+        Self { spec, backends: backends.into(), selectable, candidates, sched }
+    }
+
+    /// Settings.
+    pub fn spec(&self) -> &ServiceSpec {
+        &self.spec
+    }
+    /// Stable id.
+    pub fn id(&self) -> ServiceId {
+        self.spec.id
+    }
+    /// All backends, sorted by id.
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+    /// Indices into [`ServicePort::backends`] that new flows may go to.
+    pub fn selectable(&self) -> &[u16] {
+        &self.selectable
+    }
+    /// The selectable backends as scheduler candidates.
+    pub fn candidates(&self) -> &[Candidate] {
+        &self.candidates
+    }
+    /// The prepared scheduler.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.sched
+    }
+    /// The backend with this id, in any state.
+    #[inline]
+    pub fn backend(&self, id: BackendId) -> Option<&Backend> {
+        self.backends.binary_search_by_key(&id, |b| b.id).ok().map(|i| &self.backends[i])
+    }
+    /// Whether the backend with this id is selectable for new flows.
+    #[inline]
+    pub fn is_selectable(&self, id: BackendId) -> bool {
+        self.candidates.iter().any(|c| c.id == id)
+    }
+}
+
+/// Where to send a packet for a destination: out of which interface, with which MACs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextHop {
+    /// Egress interface index.
+    pub ifindex: u32,
+    /// Source MAC (the egress interface's).
+    pub src_mac: [u8; 6],
+    /// Destination MAC (the neighbour's).
+    pub dst_mac: [u8; 6],
+}
+
+/// Next hops by destination: exact host entries (pod IPs) and prefixes (gateways), longest
+/// prefix first.
+#[derive(Clone, Debug, Default)]
+pub struct Routes {
+    hosts: HashMap<u32, NextHop, RandomState>,
+    /// (network, prefix length, next hop), sorted by prefix length, longest first.
+    prefixes: Vec<(u32, u8, NextHop)>,
+}
+
+impl Routes {
+    /// Adds or replaces a host route.
+    pub fn add_host(&mut self, ip: Ipv4Addr, hop: NextHop) {
+        self.hosts.insert(u32::from(ip), hop);
+    }
+    /// Adds or replaces a prefix route (`len` 0..=32).
+    pub fn add_prefix(&mut self, net: Ipv4Addr, len: u8, hop: NextHop) {
+        let len = len.min(32);
+        let net = u32::from(net) & prefix_mask(len);
+        self.prefixes.retain(|&(n, l, _)| !(n == net && l == len));
+        self.prefixes.push((net, len, hop));
+        self.prefixes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    }
+    /// Exact host route (pod addresses).
+    #[inline]
+    pub fn host(&self, ip: u32) -> Option<&NextHop> {
+        self.hosts.get(&ip)
+    }
+    /// Longest-prefix lookup.
+    #[inline]
+    pub fn lookup(&self, ip: u32) -> Option<&NextHop> {
+        if let Some(h) = self.hosts.get(&ip) {
+            return Some(h);
+        }
+        self.prefixes.iter().find(|&&(n, l, _)| ip & prefix_mask(l) == n).map(|(_, _, h)| h)
+    }
+    /// Host routes, sorted by address.
+    pub fn hosts(&self) -> Vec<(Ipv4Addr, NextHop)> {
+        let mut v: Vec<_> = self.hosts.iter().map(|(&ip, &h)| (Ipv4Addr::from(ip), h)).collect();
+        v.sort_by_key(|e| e.0);
+        v
+    }
+    /// Prefix routes, longest first.
+    pub fn prefixes(&self) -> impl Iterator<Item = (Ipv4Addr, u8, NextHop)> + '_ {
+        self.prefixes.iter().map(|&(n, l, h)| (Ipv4Addr::from(n), l, h))
+    }
+}
+
+/// Netmask of a prefix length.
+#[inline(always)]
+pub fn prefix_mask(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len.min(32)))
+    }
+}
+
+/// One generation of every table a worker reads.
+#[derive(Clone, Debug, Default)]
+pub struct Tables {
+    generation: u64,
+    frontends: HashMap<FrontendKey, Frontend, RandomState>,
+    /// Frontend addresses, for ICMP echo to a service address.
+    vips: HashSet<u32, RandomState>,
+    /// Indexed by service id; slot 0 is always empty.
+    services: Vec<Option<Arc<ServicePort>>>,
+    routes: Routes,
+    /// The node address used to source-NAT (masquerade and hairpin).
+    snat_ip: Option<Ipv4Addr>,
+}
+
+impl Tables {
+    /// An empty generation 0.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+    /// Generation number.
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    /// Frontend lookup.
+    #[inline]
+    pub fn frontend(&self, key: &FrontendKey) -> Option<&Frontend> {
+        self.frontends.get(key)
+    }
+    /// Whether `ip` is some frontend's address.
+    #[inline]
+    pub fn is_vip(&self, ip: u32) -> bool {
+        self.vips.contains(&ip)
+    }
+    /// Service port by id.
+    #[inline]
+    pub fn service(&self, id: ServiceId) -> Option<&ServicePort> {
+        self.services.get(id as usize).and_then(|s| s.as_deref())
+    }
+    /// Service port by id, shared.
+    pub fn service_arc(&self, id: ServiceId) -> Option<&Arc<ServicePort>> {
+        self.services.get(id as usize).and_then(|s| s.as_ref())
+    }
+    /// Every service port, by id.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServicePort>> {
+        self.services.iter().flatten()
+    }
+    /// Every frontend, sorted by key.
+    pub fn frontends(&self) -> Vec<(FrontendKey, Frontend)> {
+        let mut v: Vec<_> = self.frontends.iter().map(|(k, f)| (*k, *f)).collect();
+        v.sort_by_key(|e| e.0);
+        v
+    }
+    /// Next-hop table.
+    #[inline]
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+    /// The source-NAT address, if any.
+    #[inline]
+    pub fn snat_ip(&self) -> Option<Ipv4Addr> {
+        self.snat_ip
+    }
+
+    /// Starts the next generation from this one (sharing every service port).
+    pub fn next(&self) -> TablesBuilder {
+        TablesBuilder { t: Tables { generation: self.generation + 1, ..self.clone() } }
+    }
+    /// Starts generation `generation` from nothing.
+    pub fn builder(generation: u64) -> TablesBuilder {
+        TablesBuilder { t: Tables { generation, ..Tables::default() } }
+    }
+}
+
+/// Builds a [`Tables`] generation.
+#[derive(Debug)]
+pub struct TablesBuilder {
+    t: Tables,
+}
+
+/// Why a table change was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TableError {
+    /// Service id 0 is reserved.
+    #[error("service id 0 is reserved as invalid")]
+    ZeroServiceId,
+    /// Backend id 0 is reserved.
+    #[error("backend id 0 is reserved as invalid (service {0})")]
+    ZeroBackendId(ServiceId),
+    /// A frontend names a service that is not in the tables.
+    #[error("frontend {0:?} names unknown service {1}")]
+    UnknownService(FrontendKey, ServiceId),
+    /// A frontend's protocol differs from its service's.
+    #[error("frontend {0:?} protocol differs from service {1}")]
+    ProtocolMismatch(FrontendKey, ServiceId),
+}
+
+impl TablesBuilder {
+    /// Sets the generation number.
+    pub fn generation(mut self, g: u64) -> Self {
+        self.t.generation = g;
+        self
+    }
+    /// Adds or replaces a service port.
+    pub fn service(mut self, svc: ServicePort) -> Result<Self, TableError> {
+        self.upsert_service(Arc::new(svc))?;
+        Ok(self)
+    }
+    /// Adds or replaces a shared service port.
+    pub fn upsert_service(&mut self, svc: Arc<ServicePort>) -> Result<(), TableError> {
+        let id = svc.id();
+        if id == 0 {
+            return Err(TableError::ZeroServiceId);
+        }
+        if svc.backends().iter().any(|b| b.id == 0) {
+            return Err(TableError::ZeroBackendId(id));
+        }
+        let i = id as usize;
+        if self.t.services.len() <= i {
+            self.t.services.resize(i + 1, None);
+        }
+        self.t.services[i] = Some(svc);
+        Ok(())
+    }
+    /// Removes a service port and every frontend leading to it.
+    pub fn remove_service(&mut self, id: ServiceId) {
+        if let Some(s) = self.t.services.get_mut(id as usize) {
+            *s = None;
+        }
+        self.t.frontends.retain(|_, f| f.service != id);
+        self.rebuild_vips();
+    }
+    /// Adds or replaces a frontend.
+    pub fn frontend(mut self, key: FrontendKey, fe: Frontend) -> Result<Self, TableError> {
+        self.upsert_frontend(key, fe)?;
+        Ok(self)
+    }
+    /// Adds or replaces a frontend; its service must already be present.
+    pub fn upsert_frontend(&mut self, key: FrontendKey, fe: Frontend) -> Result<(), TableError> {
+        let Some(svc) = self.t.service(fe.service) else {
+            return Err(TableError::UnknownService(key, fe.service));
+        };
+        if svc.spec().proto.number() != key.proto {
+            return Err(TableError::ProtocolMismatch(key, fe.service));
+        }
+        self.t.frontends.insert(key, fe);
+        self.t.vips.insert(key.ip);
+        Ok(())
+    }
+    /// Removes a frontend.
+    pub fn remove_frontend(&mut self, key: &FrontendKey) {
+        if self.t.frontends.remove(key).is_some() {
+            self.rebuild_vips();
+        }
+    }
+    fn rebuild_vips(&mut self) {
+        self.t.vips = self.t.frontends.keys().map(|k| k.ip).collect();
+    }
+    /// Replaces the next-hop table.
+    pub fn routes(mut self, routes: Routes) -> Self {
+        self.t.routes = routes;
+        self
+    }
+    /// Mutable access to the next-hop table.
+    pub fn routes_mut(&mut self) -> &mut Routes {
+        &mut self.t.routes
+    }
+    /// Sets the source-NAT address.
+    pub fn snat_ip(mut self, ip: Option<Ipv4Addr>) -> Self {
+        self.t.snat_ip = ip;
+        self
+    }
+    /// Finishes the generation.
+    pub fn build(self) -> Tables {
+        self.t
+    }
+}

@@ -1,0 +1,395 @@
+//! Zero-copy packet views over a frame's bytes, and incremental checksums.
+//!
+//! The hot path never builds an owned representation of a packet: it finds header offsets once
+//! ([`parse`]) and then reads and writes fields in place through small accessors. Every read is
+//! bounds-checked by `parse` before any accessor runs, so the accessors index without further
+//! checks failing: an accessor is only called on an offset that `parse` proved to be inside the
+//! frame. Slow paths (tests, fixtures, the reject builders' cross-checks) use `etherparse`.
+//!
+//! Checksums are updated incrementally (RFC 1624, `HC' = ~(~HC + ~m + m')`), so a NAT rewrite
+//! costs a few additions whatever the payload length. The UDP "no checksum" value 0 is kept as 0,
+//! and a computed 0 is sent as 0xffff (RFC 768).
+
+use core::net::Ipv4Addr;
+
+/// Ethernet header length.
+pub const ETH_HLEN: usize = 14;
+/// EtherType of IPv4.
+pub const ETH_P_IPV4: u16 = 0x0800;
+/// EtherType of ARP.
+pub const ETH_P_ARP: u16 = 0x0806;
+/// EtherType of IPv6.
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// EtherType of an 802.1Q VLAN tag.
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// EtherType of an 802.1ad (QinQ) service tag.
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+/// IP protocol number of ICMP.
+pub const IPPROTO_ICMP: u8 = 1;
+/// IP protocol number of TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+
+/// TCP flag bits (byte 13 of the TCP header).
+pub mod tcp_flags {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// PSH.
+    pub const PSH: u8 = 0x08;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+#[inline(always)]
+pub(crate) fn rd16(b: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([b[off], b[off + 1]])
+}
+
+#[inline(always)]
+pub(crate) fn wr16(b: &mut [u8], off: usize, v: u16) {
+    b[off..off + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+#[inline(always)]
+pub(crate) fn rd32(b: &[u8], off: usize) -> u32 {
+    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+#[inline(always)]
+pub(crate) fn wr32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+/// One's-complement sum of `data` added to `sum` (not folded).
+#[inline]
+pub fn csum_partial(data: &[u8], mut sum: u32) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
+        // Fold early so long inputs cannot overflow.
+        if sum & 0x8000_0000 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+    }
+    if let [last] = chunks.remainder() {
+        sum = sum.wrapping_add(u32::from(*last) << 8);
+    }
+    sum
+}
+
+/// Folds a 32-bit one's-complement sum to 16 bits and complements it.
+#[inline]
+pub fn csum_fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// RFC 1624 eqn. 3: the checksum `check` after a 16-bit word changed from `old` to `new`.
+#[inline(always)]
+pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
+    let sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    csum_fold(sum)
+}
+
+/// RFC 1624 for a 32-bit field (two 16-bit words).
+#[inline(always)]
+pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
+    let sum = u32::from(!check)
+        + u32::from(!(old >> 16) as u16)
+        + u32::from(!(old as u16))
+        + (new >> 16)
+        + (new & 0xffff);
+    csum_fold(sum)
+}
+
+/// Where the headers of a frame are. Produced by [`parse`]; every offset in it is inside the
+/// frame, with the whole header it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    /// Offset of the IPv4 header.
+    pub l3: usize,
+    /// Offset of the L4 header (TCP, UDP or ICMP); meaningful when `has_l4`.
+    pub l4: usize,
+    /// End of the IP datagram (`l3 + total length`); bytes past it are link padding.
+    pub end: usize,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Whether the L4 header is present in this frame (false for non-first fragments).
+    pub has_l4: bool,
+    /// Whether this is a fragment (MF set or a non-zero offset).
+    pub fragment: bool,
+}
+
+/// What a frame is, as far as the pipeline cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// An IPv4 datagram whose headers are all inside the frame.
+    Ipv4(Offsets),
+    /// ARP: always the kernel's.
+    Arp,
+    /// IPv6: passed to the kernel for now.
+    Ipv6,
+    /// Any other EtherType.
+    OtherEthertype,
+    /// The frame is shorter than its Ethernet (and VLAN) header.
+    EthTruncated,
+    /// The IPv4 header is truncated or inconsistent (version, IHL, total length).
+    IpMalformed,
+    /// The IPv4 header checksum is wrong.
+    IpChecksum,
+    /// The TCP, UDP or ICMP header is truncated or inconsistent.
+    L4Malformed,
+}
+
+/// Finds the headers of `frame`, checking every length before any later read relies on it.
+#[inline]
+pub fn parse(frame: &[u8]) -> Parsed {
+    if frame.len() < ETH_HLEN {
+        return Parsed::EthTruncated;
+    }
+    let mut ethertype = rd16(frame, 12);
+    let mut l3 = ETH_HLEN;
+    // Up to two VLAN tags (802.1ad outer, 802.1Q inner).
+    for _ in 0..2 {
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            if frame.len() < l3 + 4 {
+                return Parsed::EthTruncated;
+            }
+            ethertype = rd16(frame, l3 + 2);
+            l3 += 4;
+        }
+    }
+    match ethertype {
+        ETH_P_IPV4 => {}
+        ETH_P_ARP => return Parsed::Arp,
+        ETH_P_IPV6 => return Parsed::Ipv6,
+        _ => return Parsed::OtherEthertype,
+    }
+    if frame.len() < l3 + 20 {
+        return Parsed::IpMalformed;
+    }
+    let vihl = frame[l3];
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return Parsed::IpMalformed;
+    }
+    let total = usize::from(rd16(frame, l3 + 2));
+    if total < ihl || l3 + total > frame.len() {
+        return Parsed::IpMalformed;
+    }
+    if csum_fold(csum_partial(&frame[l3..l3 + ihl], 0)) != 0 {
+        return Parsed::IpChecksum;
+    }
+    let frag = rd16(frame, l3 + 6);
+    let more_fragments = frag & 0x2000 != 0;
+    let frag_offset = frag & 0x1fff;
+    let fragment = more_fragments || frag_offset != 0;
+    let proto = frame[l3 + 9];
+    let l4 = l3 + ihl;
+    let end = l3 + total;
+    let has_l4 = frag_offset == 0;
+    if has_l4 {
+        let avail = end - l4;
+        let ok = match proto {
+            IPPROTO_TCP => avail >= 20 && {
+                let doff = usize::from(frame[l4 + 12] >> 4) * 4;
+                doff >= 20 && doff <= avail
+            },
+            IPPROTO_UDP => {
+                // A first fragment carries only part of the datagram the UDP length describes.
+                avail >= 8 && {
+                    let ulen = usize::from(rd16(frame, l4 + 4));
+                    ulen >= 8 && (fragment || ulen <= avail)
+                }
+            }
+            IPPROTO_ICMP => avail >= 8,
+            _ => true,
+        };
+        if !ok {
+            return Parsed::L4Malformed;
+        }
+    }
+    Parsed::Ipv4(Offsets { l3, l4, end, proto, has_l4, fragment })
+}
+
+/// Read access to IPv4 fields at a parsed offset.
+pub mod ip {
+    use super::*;
+
+    /// Source address.
+    #[inline(always)]
+    pub fn src(b: &[u8], l3: usize) -> u32 {
+        rd32(b, l3 + 12)
+    }
+    /// Destination address.
+    #[inline(always)]
+    pub fn dst(b: &[u8], l3: usize) -> u32 {
+        rd32(b, l3 + 16)
+    }
+    /// Time to live.
+    #[inline(always)]
+    pub fn ttl(b: &[u8], l3: usize) -> u8 {
+        b[l3 + 8]
+    }
+    /// Identification.
+    #[inline(always)]
+    pub fn id(b: &[u8], l3: usize) -> u16 {
+        rd16(b, l3 + 4)
+    }
+    /// Header length in bytes.
+    #[inline(always)]
+    pub fn hlen(b: &[u8], l3: usize) -> usize {
+        usize::from(b[l3] & 0x0f) * 4
+    }
+
+    /// Decrements the TTL, updating the header checksum.
+    #[inline]
+    pub fn dec_ttl(b: &mut [u8], l3: usize) {
+        let old = rd16(b, l3 + 8);
+        b[l3 + 8] -= 1;
+        let new = rd16(b, l3 + 8);
+        let c = csum_replace2(rd16(b, l3 + 10), old, new);
+        wr16(b, l3 + 10, c);
+    }
+
+    /// Writes the source (`which == 12`) or destination (`which == 16`) address, updating the
+    /// header checksum. Returns the old value.
+    #[inline]
+    pub fn set_addr(b: &mut [u8], l3: usize, which: usize, new: u32) -> u32 {
+        let old = rd32(b, l3 + which);
+        if old != new {
+            wr32(b, l3 + which, new);
+            let c = csum_replace4(rd16(b, l3 + 10), old, new);
+            wr16(b, l3 + 10, c);
+        }
+        old
+    }
+
+    /// Recomputes the header checksum from scratch (used on headers this crate builds).
+    pub fn fill_checksum(b: &mut [u8], l3: usize) {
+        let hl = hlen(b, l3);
+        wr16(b, l3 + 10, 0);
+        let c = csum_fold(csum_partial(&b[l3..l3 + hl], 0));
+        wr16(b, l3 + 10, c);
+    }
+}
+
+/// Offset of the L4 checksum field relative to the L4 header, for protocols that have one
+/// covering the pseudo-header.
+#[inline(always)]
+pub fn l4_csum_off(proto: u8) -> Option<usize> {
+    match proto {
+        IPPROTO_TCP => Some(16),
+        IPPROTO_UDP => Some(6),
+        _ => None,
+    }
+}
+
+/// Rewrites the addresses and ports of the IPv4 datagram at `l3`/`l4` to the given tuple,
+/// updating the IP header checksum and the TCP/UDP checksum incrementally. `l4_present` is false
+/// for non-first fragments, which carry only the IP header's addresses.
+///
+/// `csum_len` is how many bytes of L4 header are in the frame (inner headers of ICMP errors may
+/// be cut at 8 bytes, leaving the TCP checksum out; it is then not touched).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn rewrite_tuple(
+    b: &mut [u8],
+    l3: usize,
+    l4: usize,
+    proto: u8,
+    l4_present: bool,
+    l4_len: usize,
+    src: u32,
+    dst: u32,
+    sport: u16,
+    dport: u16,
+) {
+    let old_src = ip::set_addr(b, l3, 12, src);
+    let old_dst = ip::set_addr(b, l3, 16, dst);
+    if !l4_present {
+        return;
+    }
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let old_sport = rd16(b, l4);
+            let old_dport = rd16(b, l4 + 2);
+            wr16(b, l4, sport);
+            wr16(b, l4 + 2, dport);
+            let coff = l4_csum_off(proto).unwrap_or(6);
+            if l4_len < coff + 2 {
+                return;
+            }
+            let old_c = rd16(b, l4 + coff);
+            if proto == IPPROTO_UDP && old_c == 0 {
+                return; // No checksum: stays absent.
+            }
+            let mut c = csum_replace4(old_c, old_src, src);
+            c = csum_replace4(c, old_dst, dst);
+            c = csum_replace2(c, old_sport, sport);
+            c = csum_replace2(c, old_dport, dport);
+            if proto == IPPROTO_UDP && c == 0 {
+                c = 0xffff;
+            }
+            wr16(b, l4 + coff, c);
+        }
+        IPPROTO_ICMP => {
+            // ICMP query id plays the port's role; ICMP's checksum has no pseudo-header.
+            if l4_len >= 8 {
+                let old_id = rd16(b, l4 + 4);
+                if old_id != sport {
+                    wr16(b, l4 + 4, sport);
+                    let c = csum_replace2(rd16(b, l4 + 2), old_id, sport);
+                    wr16(b, l4 + 2, c);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Formats a host-order IPv4 address.
+pub fn ipv4(a: u32) -> Ipv4Addr {
+    Ipv4Addr::from(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc1624_matches_full_recompute() {
+        let mut hdr = [
+            0x45u8, 0, 0, 0x54, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 96, 0, 10,
+        ];
+        ip::fill_checksum(&mut hdr, 0);
+        ip::set_addr(&mut hdr, 0, 16, u32::from(Ipv4Addr::new(10, 244, 1, 7)));
+        ip::dec_ttl(&mut hdr, 0);
+        let inc = rd16(&hdr, 10);
+        ip::fill_checksum(&mut hdr, 0);
+        assert_eq!(inc, rd16(&hdr, 10));
+    }
+
+    #[test]
+    fn truncated_and_garbage_frames_are_classified() {
+        assert_eq!(parse(&[]), Parsed::EthTruncated);
+        assert_eq!(parse(&[0u8; 13]), Parsed::EthTruncated);
+        let mut f = [0u8; 14];
+        f[12] = 0x81;
+        assert_eq!(parse(&f), Parsed::EthTruncated);
+        let mut f = [0u8; 30];
+        f[12] = 0x08;
+        assert_eq!(parse(&f), Parsed::IpMalformed);
+        f[12] = 0x86;
+        f[13] = 0xdd;
+        assert_eq!(parse(&f), Parsed::Ipv6);
+    }
+}
