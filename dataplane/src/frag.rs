@@ -62,9 +62,7 @@ impl FragTable {
         let slot = (b..b + WAYS)
             .find(|&s| self.entries[s].key == key)
             .or_else(|| (b..b + WAYS).find(|&s| self.entries[s].expires <= now))
-            .unwrap_or_else(|| {
-                (b..b + WAYS).min_by_key(|&s| self.entries[s].expires).unwrap_or(b)
-            });
+            .unwrap_or_else(|| (b..b + WAYS).min_by_key(|&s| self.entries[s].expires).unwrap_or(b));
         self.entries[slot] =
             Entry { key, sport: ports.0, dport: ports.1, expires: now + FRAG_TIMEOUT_NS };
     }

@@ -235,8 +235,7 @@ fn l4(f: &mut Frame<'_>, o: &Offsets, t: &Tables, w: &mut WorkerState, now: u64)
     if let Some((idx, dir)) = w.ct.lookup_hashed(&key, h, now) {
         return known_flow(f, o, t, w, now, key, h, idx, dir, flags);
     }
-    if let Some(fe) = t.frontend(&FrontendKey { ip: key.dst, port: key.dport, proto: key.proto })
-    {
+    if let Some(fe) = t.frontend(&FrontendKey { ip: key.dst, port: key.dport, proto: key.proto }) {
         return new_flow(f, o, t, w, now, key, h, *fe, flags);
     }
     if t.is_vip(key.dst) {
@@ -636,7 +635,13 @@ fn icmp(f: &mut Frame<'_>, o: &Offsets, t: &Tables, w: &mut WorkerState, now: u6
 }
 
 /// Translates an ICMP error whose quoted datagram belongs to a translated flow.
-fn icmp_error(f: &mut Frame<'_>, o: &Offsets, t: &Tables, w: &mut WorkerState, now: u64) -> Verdict {
+fn icmp_error(
+    f: &mut Frame<'_>,
+    o: &Offsets,
+    t: &Tables,
+    w: &mut WorkerState,
+    now: u64,
+) -> Verdict {
     let (l3, l4, end) = (o.l3, o.l4, o.end);
     let outer_dst = ip::dst(f.buf, l3);
     let il3 = l4 + 8;

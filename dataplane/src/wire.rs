@@ -199,10 +199,12 @@ pub fn parse(frame: &[u8]) -> Parsed {
     if has_l4 {
         let avail = end - l4;
         let ok = match proto {
-            IPPROTO_TCP => avail >= 20 && {
-                let doff = usize::from(frame[l4 + 12] >> 4) * 4;
-                doff >= 20 && doff <= avail
-            },
+            IPPROTO_TCP => {
+                avail >= 20 && {
+                    let doff = usize::from(frame[l4 + 12] >> 4) * 4;
+                    doff >= 20 && doff <= avail
+                }
+            }
             IPPROTO_UDP => {
                 // A first fragment carries only part of the datagram the UDP length describes.
                 avail >= 8 && {
@@ -367,9 +369,8 @@ mod tests {
 
     #[test]
     fn rfc1624_matches_full_recompute() {
-        let mut hdr = [
-            0x45u8, 0, 0, 0x54, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 96, 0, 10,
-        ];
+        let mut hdr =
+            [0x45u8, 0, 0, 0x54, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 96, 0, 10];
         ip::fill_checksum(&mut hdr, 0);
         ip::set_addr(&mut hdr, 0, 16, u32::from(Ipv4Addr::new(10, 244, 1, 7)));
         ip::dec_ttl(&mut hdr, 0);
