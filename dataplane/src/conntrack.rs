@@ -12,7 +12,11 @@
 //! - Keys live in a set-associative index: `2^k` buckets of [`WAYS`] slots. A slot holds a key
 //!   and `slab index + 1` (0 = empty) with the reply-direction flag in the top bit. A live flow
 //!   always has exactly two slots, one per key; removing a flow clears both.
-//! - When a bucket (or the slab) is full, the flow with the oldest `last_seen` among the
+//! - Each key has two candidate buckets (two-choice hashing, from two halves of one hash) and
+//!   goes to the less loaded of the two; lookups check the first, then the second. With one
+//!   bucket per key, a table at half load would already overflow about 2% of its buckets and
+//!   evict live flows; with two choices it holds its full capacity.
+//! - When both buckets (or the slab) are full, the flow with the oldest `last_seen` among the
 //!   candidates is evicted (an expired one first). Eviction is counted; the table never grows
 //!   and never refuses a new flow, so memory is bounded whatever the traffic.
 //! - Expiry is lazy (a lookup that finds an expired flow removes it) plus an incremental sweep
@@ -363,9 +367,10 @@ impl Conntrack {
         self.hasher.hash_one(key.pack())
     }
 
+    /// The two candidate buckets of a hash (first slot index of each).
     #[inline(always)]
-    fn bucket(&self, h: u64) -> usize {
-        (h as usize & self.bucket_mask) * WAYS
+    fn buckets(&self, h: u64) -> [usize; 2] {
+        [(h as usize & self.bucket_mask) * WAYS, ((h >> 32) as usize & self.bucket_mask) * WAYS]
     }
 
     /// Finds a live flow by either of its keys. An expired flow found here is removed.
@@ -394,12 +399,13 @@ impl Conntrack {
 
     #[inline(always)]
     fn find(&self, packed: [u64; 2], h: u64) -> Option<(u32, Dir)> {
-        let b = self.bucket(h);
-        for s in b..b + WAYS {
-            let v = self.vals[s];
-            if v != 0 && self.keys[s] == packed {
-                let dir = if v & REPLY_BIT != 0 { Dir::Reply } else { Dir::Orig };
-                return Some(((v & !REPLY_BIT) - 1, dir));
+        for b in self.buckets(h) {
+            for s in b..b + WAYS {
+                let v = self.vals[s];
+                if v != 0 && self.keys[s] == packed {
+                    let dir = if v & REPLY_BIT != 0 { Dir::Reply } else { Dir::Orig };
+                    return Some(((v & !REPLY_BIT) - 1, dir));
+                }
             }
         }
         None
@@ -456,29 +462,38 @@ impl Conntrack {
         idx
     }
 
-    /// A free slot in the key's bucket, evicting the oldest other flow there if needed.
+    /// A free slot in one of the key's buckets, evicting the oldest other flow there if both
+    /// are full.
     fn free_slot(&mut self, h: u64, own: u32, now: u64) -> usize {
-        let b = self.bucket(h);
+        let bs = self.buckets(h);
+        // The less loaded of the two buckets (the power of two choices).
+        let free = |b: usize| (b..b + WAYS).filter(|&s| self.vals[s] == 0).count();
+        let (f0, f1) = (free(bs[0]), free(bs[1]));
+        if f0 + f1 > 0 {
+            let b = if f0 >= f1 { bs[0] } else { bs[1] };
+            return (b..b + WAYS).find(|&s| self.vals[s] == 0).expect("counted a free slot");
+        }
         let mut victim: Option<(u64, u32)> = None;
-        for s in b..b + WAYS {
-            let v = self.vals[s];
-            if v == 0 {
-                return s;
-            }
-            let fi = (v & !REPLY_BIT) - 1;
-            if fi == own {
-                continue;
-            }
-            let f = &self.flows[fi as usize];
-            // Expired flows sort before every live one.
-            let age = if f.expires <= now { 0 } else { f.last_seen.saturating_add(1) };
-            if victim.is_none_or(|(a, _)| age < a) {
-                victim = Some((age, fi));
+        for b in bs {
+            for s in b..b + WAYS {
+                let fi = (self.vals[s] & !REPLY_BIT) - 1;
+                if fi == own {
+                    continue;
+                }
+                let f = &self.flows[fi as usize];
+                // Expired flows sort before every live one.
+                let age = if f.expires <= now { 0 } else { f.last_seen.saturating_add(1) };
+                if victim.is_none_or(|(a, _)| age < a) {
+                    victim = Some((age, fi));
+                }
             }
         }
-        let (_, fi) = victim.expect("a full bucket holds at least one other flow");
+        let (_, fi) = victim.expect("two full buckets hold at least one other flow");
         self.evict(fi, now);
-        (b..b + WAYS).find(|&s| self.vals[s] == 0).expect("eviction freed a slot in this bucket")
+        bs.into_iter()
+            .flat_map(|b| b..b + WAYS)
+            .find(|&s| self.vals[s] == 0)
+            .expect("eviction freed a slot in these buckets")
     }
 
     fn slab_victim(&mut self, now: u64) -> u32 {
@@ -520,13 +535,12 @@ impl Conntrack {
     fn remove_inner(&mut self, idx: u32) {
         let f = self.flows[idx as usize];
         debug_assert!(f.live);
-        for key in [f.orig, f.reply] {
-            let b = self.bucket(self.hash(&key));
-            for s in b..b + WAYS {
-                if self.vals[s] != 0 && (self.vals[s] & !REPLY_BIT) - 1 == idx {
-                    self.vals[s] = 0;
-                    break;
-                }
+        for (key, bit) in [(f.orig, 0), (f.reply, REPLY_BIT)] {
+            let want = (idx + 1) | bit;
+            let bs = self.buckets(self.hash(&key));
+            if let Some(s) = bs.into_iter().flat_map(|b| b..b + WAYS).find(|&s| self.vals[s] == want)
+            {
+                self.vals[s] = 0;
             }
         }
         if f.backend != 0 {
@@ -690,6 +704,16 @@ mod tests {
         assert_eq!(ct.conns().active(3) as usize, ct.len());
         let s = ct.stats();
         assert_eq!(s.inserted - s.evicted - s.expired - s.removed, ct.len() as u64);
+    }
+
+    #[test]
+    fn a_table_holds_its_full_capacity_without_evicting() {
+        let mut ct = table(1 << 16);
+        for n in 0..(1u32 << 16) {
+            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, 1);
+        }
+        assert_eq!(ct.len(), 1 << 16);
+        assert_eq!(ct.stats().evicted, 0);
     }
 
     #[test]
