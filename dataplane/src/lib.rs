@@ -19,8 +19,12 @@ pub mod balance;
 pub mod conntrack;
 pub mod counters;
 pub mod frag;
+pub mod io;
 pub mod maglev;
+pub mod mem;
+pub mod netlink;
 pub mod pipeline;
+pub mod sync;
 pub mod tables;
 pub mod wire;
 

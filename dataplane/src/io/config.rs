@@ -1,0 +1,281 @@
+//! The node configuration file of the dataplane process (`config/*.yaml`).
+//!
+//! It names the interfaces the dataplane owns and their role, the queues to bind (default:
+//! every receive queue the interface has), the worker cores, what the XDP program steers to
+//! the dataplane, and table sizes. Unknown keys are refused, so a typo is an error at start,
+//! not a silently ignored setting.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::conntrack::Timeouts;
+
+/// An IPv4 prefix written `a.b.c.d/len` (a bare address means /32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    /// Network address.
+    pub addr: Ipv4Addr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = a.trim().parse().map_err(|e| format!("bad address in {s:?}: {e}"))?;
+        let len: u8 = l.trim().parse().map_err(|e| format!("bad prefix length in {s:?}: {e}"))?;
+        if len > 32 {
+            return Err(format!("prefix length over 32 in {s:?}"));
+        }
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// What an interface is for.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// A pod's veth (host side).
+    Pod,
+    /// An uplink (ENI, NIC).
+    Uplink,
+}
+
+/// One interface the dataplane owns.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceConfig {
+    /// Interface name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Receive queues to bind (default: all of them).
+    #[serde(default)]
+    pub queues: Option<Vec<u32>>,
+    /// Raw mode only: transmit everything received here out of this interface, untouched.
+    #[serde(default)]
+    pub raw_forward_to: Option<String>,
+}
+
+/// How frames are processed.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The full pipeline: Service NAT, conntrack, forwarding.
+    #[default]
+    Nat,
+    /// Receive and transmit unchanged (to `raw_forward_to`): the machine's I/O ceiling.
+    Raw,
+}
+
+/// XDP attach mode.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpMode {
+    /// Driver (native) mode.
+    #[default]
+    Native,
+    /// Generic (skb) mode.
+    Generic,
+}
+
+/// What the XDP program steers to the dataplane.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteerConfig {
+    /// Destination prefixes: the service CIDR, pod CIDRs, node addresses (NodePorts).
+    #[serde(default)]
+    pub destinations: Vec<Cidr>,
+    /// Source prefixes: pod CIDRs, so backend replies and pod traffic come to us.
+    #[serde(default)]
+    pub sources: Vec<Cidr>,
+}
+
+/// Conntrack sizing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConntrackConfig {
+    /// Flows per worker.
+    pub capacity: usize,
+    /// Timeouts (seconds).
+    pub timeouts: Timeouts,
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        Self { capacity: 1 << 18, timeouts: Timeouts::default() }
+    }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's name (as in the Kubernetes Node object).
+    pub node_name: String,
+    /// Interfaces owned by the dataplane.
+    pub interfaces: Vec<InterfaceConfig>,
+    /// Worker cores (default: every core). One worker thread per core.
+    #[serde(default)]
+    pub cores: Vec<usize>,
+    /// Steering prefixes.
+    #[serde(default)]
+    pub steer: SteerConfig,
+    /// The control socket the control plane connects to.
+    #[serde(default = "default_socket")]
+    pub control_socket: PathBuf,
+    /// Address used to source-NAT (masquerade, hairpin).
+    #[serde(default)]
+    pub snat_ip: Option<Ipv4Addr>,
+    /// Processing mode.
+    #[serde(default)]
+    pub mode: Mode,
+    /// XDP attach mode.
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+    /// Conntrack sizing.
+    #[serde(default)]
+    pub conntrack: ConntrackConfig,
+    /// UMEM frames per socket (2 KiB each).
+    #[serde(default = "default_frames")]
+    pub umem_frames: u32,
+    /// Name of the TUN device that hands frames to the kernel (empty: no punting; such frames
+    /// are dropped and counted).
+    #[serde(default = "default_punt")]
+    pub punt_device: String,
+    /// After this many empty polls in a row a worker sleeps in poll(2) for up to 1 ms, so idle
+    /// workers do not burn a core (0: always busy-poll).
+    #[serde(default = "default_idle")]
+    pub idle_polls_before_sleep: u32,
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/kxdp/control.sock")
+}
+fn default_frames() -> u32 {
+    4096
+}
+fn default_punt() -> String {
+    "kxdp-punt".into()
+}
+fn default_idle() -> u32 {
+    10_000
+}
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("invalid configuration {path}: {source}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: serde_yaml::Error,
+    },
+    /// The content is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl NodeConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.into(), source },
+            e => e,
+        })
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let c: NodeConfig = serde_yaml::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: PathBuf::new(), source })?;
+        c.check()?;
+        Ok(c)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.interfaces.is_empty() {
+            return Err(ConfigError::Invalid("no interfaces".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for i in &self.interfaces {
+            if !names.insert(i.name.as_str()) {
+                return Err(ConfigError::Invalid(format!("interface {} listed twice", i.name)));
+            }
+        }
+        for i in &self.interfaces {
+            match (&i.raw_forward_to, self.mode) {
+                (Some(to), Mode::Raw) if !names.contains(to.as_str()) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{} forwards to {to}, which is not a configured interface",
+                        i.name
+                    )))
+                }
+                (None, Mode::Raw) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "raw mode: interface {} needs raw_forward_to",
+                        i.name
+                    )))
+                }
+                _ => {}
+            }
+        }
+        if !self.umem_frames.is_power_of_two() || self.umem_frames < 256 {
+            return Err(ConfigError::Invalid(
+                "umem_frames must be a power of two, at least 256".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_file_and_refuses_typos() {
+        let c = NodeConfig::parse(
+            "node_name: n1\ninterfaces:\n  - {name: eth0, role: uplink}\n  - {name: veth1, role: pod, queues: [0]}\ncores: [0, 1]\nsteer:\n  destinations: [10.96.0.0/12, 192.168.1.2]\n  sources: [10.244.0.0/16]\nconntrack: {capacity: 1024}\n",
+        )
+        .unwrap();
+        assert_eq!(c.interfaces[1].queues, Some(vec![0]));
+        assert_eq!(c.steer.destinations[1], Cidr { addr: Ipv4Addr::new(192, 168, 1, 2), len: 32 });
+        assert_eq!(c.conntrack.capacity, 1024);
+        assert_eq!(c.conntrack.timeouts.udp, 30);
+        assert!(NodeConfig::parse("node_name: n\ninterfaces: [{name: a, role: pod}]\ncorse: [1]\n")
+            .unwrap_err()
+            .to_string()
+            .contains("corse"));
+        assert!(NodeConfig::parse("node_name: n\ninterfaces: [{name: a, role: pod}]\nsteer: {destinations: [10.0.0.0/33]}\n").is_err());
+        assert!(NodeConfig::parse("node_name: n\ninterfaces: [{name: a, role: pod}]\nmode: raw\n").is_err());
+    }
+}
