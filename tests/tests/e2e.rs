@@ -95,10 +95,94 @@ fn clusterip_traffic_through_the_af_xdp_dataplane() {
         read_stats(&stats)
     );
 
+    // The kernel still resolves neighbours (ARP) on the node's veths.
+    let neigh = topo.node.ip(&["neigh", "show", "10.200.1.21"]).unwrap();
+    assert!(neigh.contains("lladdr"), "ARP entry for a backend: {neigh}");
+
+    // A crash leaves the XDP programs attached; the next start replaces them and serves.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(dp.child.id() as i32, libc::SIGKILL) };
+    let _ = dp.child.wait();
+    let stale = topo.node.ip(&["-d", "link", "show", &topo.pods[0].host_if]).unwrap();
+    assert!(stale.contains("prog/xdp"), "a killed dataplane leaves its program: {stale}");
+    let _ = std::fs::remove_file(&stats);
+    let mut dp = Proc::start(
+        &topo.node,
+        &[bin.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--stats-file", stats.to_str().unwrap(), "--stats-interval", "200ms"],
+        &topo.dir.join("dataplane2.log"),
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || read_stats(&stats).is_some()),
+        "restart after a crash:\n{}",
+        dp.log()
+    );
+    push_snapshot(&socket, 1, demo_ports()).unwrap();
+    let replies = udp_requests(client, echo, 20).unwrap();
+    assert!(replies.len() >= 18, "traffic after restart: {}\n{}", replies.len(), dp.log());
+
     // Stopping leaves no XDP program behind.
     assert!(dp.stop(), "dataplane exits on SIGTERM:\n{}", dp.log());
     for p in &topo.pods {
         let link = topo.node.ip(&["-d", "link", "show", &p.host_if]).unwrap();
         assert!(!link.contains("prog/xdp"), "XDP left on {}: {link}", p.host_if);
     }
+}
+
+#[test]
+fn raw_mode_forwards_frames_unchanged() {
+    if !is_root() {
+        eprintln!("skipped: needs root, network namespaces and BPF");
+        return;
+    }
+    let pods = [Ipv4Addr::new(10, 201, 0, 2), Ipv4Addr::new(10, 201, 0, 3)];
+    let topo = Topology::build("raw", &pods).expect("topology");
+    let (a, b) = (&topo.pods[0], &topo.pods[1]);
+    let socket = topo.dir.join("control.sock");
+    let cfg = topo.dir.join("node.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node_name: n\nmode: raw\ninterfaces:\n  - {{name: {}, role: pod, raw_forward_to: {}}}\n  - {{name: {}, role: pod, raw_forward_to: {}}}\ncores: [0]\ncontrol_socket: {}\npunt_device: ''\nidle_polls_before_sleep: 2000\n",
+            a.host_if, b.host_if, b.host_if, a.host_if, socket.display()
+        ),
+    )
+    .unwrap();
+    let stats = topo.dir.join("stats.json");
+    let bin = binary("kxdp-dataplane");
+    let mut dp = Proc::start(
+        &topo.node,
+        &[bin.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--stats-file", stats.to_str().unwrap(), "--stats-interval", "200ms"],
+        &topo.dir.join("dataplane.log"),
+    )
+    .unwrap();
+    assert!(wait_for(Duration::from_secs(20), || read_stats(&stats).is_some()), "{}", dp.log());
+    let rx_packets = |p: &Pod| -> u64 {
+        let out = p.ns.exec(&["cat", "/sys/class/net/eth0/statistics/rx_packets"]).unwrap();
+        out.trim().parse().unwrap()
+    };
+    let before = rx_packets(b);
+    // 200 datagrams from pod a to pod b: each crosses the node untouched (raw mode).
+    let to: SocketAddr = (pods[1], 9).into();
+    a.ns.run(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..200 {
+            let _ = s.send_to(b"raw", to);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    })
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(3), || rx_packets(b) >= before + 200),
+        "pod b received {} of 200\n{}",
+        rx_packets(b) - before,
+        dp.log()
+    );
+    assert!(
+        wait_for(Duration::from_secs(3), || read_stats(&stats)
+            .is_some_and(|r| r["workers"][0]["transmitted"].as_u64().unwrap_or(0) >= 200)),
+        "{:?}",
+        read_stats(&stats)
+    );
+    assert!(dp.stop());
 }
