@@ -262,6 +262,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_in_config_parses() {
+        let c = NodeConfig::parse(include_str!("../../../config/node.yaml")).unwrap();
+        assert_eq!(c.interfaces.len(), 2);
+        assert_eq!(c.snat_ip, Some(Ipv4Addr::new(192, 168, 50, 2)));
+    }
+
+    #[test]
     fn parses_a_full_file_and_refuses_typos() {
         let c = NodeConfig::parse(
             "node_name: n1\ninterfaces:\n  - {name: eth0, role: uplink}\n  - {name: veth1, role: pod, queues: [0]}\ncores: [0, 1]\nsteer:\n  destinations: [10.96.0.0/12, 192.168.1.2]\n  sources: [10.244.0.0/16]\nconntrack: {capacity: 1024}\n",
