@@ -218,8 +218,11 @@ impl Drop for Proc {
 /// Path of a workspace binary (built by cargo before the tests run).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    // target/<profile>/deps/<test> or target/<profile>/<bin> -> target/<profile>/<name>
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
     dir.join(name)
 }
 
