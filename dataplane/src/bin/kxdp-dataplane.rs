@@ -39,6 +39,12 @@ struct Args {
     /// How often to write the stats file.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     stats_interval: Duration,
+    /// Print the queue and IRQ plan (which core serves each interface queue) and exit.
+    #[arg(long)]
+    print_plan: bool,
+    /// With --print-plan: print it as JSON.
+    #[arg(long)]
+    json: bool,
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -84,6 +90,23 @@ fn main() {
     }
     if let Some(m) = args.xdp_mode {
         cfg.xdp_mode = m;
+    }
+    if args.print_plan {
+        match dataplane::io::make_plan(&cfg) {
+            Ok(p) if args.json => match serde_json::to_string_pretty(&p) {
+                Ok(s) => println!("{s}"),
+                Err(e) => {
+                    eprintln!("kxdp-dataplane: {e}");
+                    std::process::exit(1);
+                }
+            },
+            Ok(p) => print!("{p}"),
+            Err(e) => {
+                eprintln!("kxdp-dataplane: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

@@ -134,6 +134,13 @@ pub struct NodeConfig {
     /// Worker cores (default: every core). One worker thread per core.
     #[serde(default)]
     pub cores: Vec<usize>,
+    /// Cores that take the queues' interrupts instead of the worker cores (empty: each IRQ
+    /// goes to the core of its queue's worker).
+    #[serde(default)]
+    pub housekeeping_cores: Vec<usize>,
+    /// Pin each queue's IRQ as the plan says (`/proc/irq/N/smp_affinity_list`).
+    #[serde(default = "default_true")]
+    pub irq_affinity: bool,
     /// Steering prefixes.
     #[serde(default)]
     pub steer: SteerConfig,
@@ -165,6 +172,9 @@ pub struct NodeConfig {
     pub idle_polls_before_sleep: u32,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_socket() -> PathBuf {
     PathBuf::from("/run/kxdp/control.sock")
 }

@@ -8,6 +8,7 @@
 //! before the sockets close, then stop and join the workers.
 
 pub mod config;
+pub mod plan;
 pub mod punt;
 pub mod worker;
 pub mod xsk;
@@ -63,6 +64,9 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+    /// Discovering queues and IRQs failed.
+    #[error("planning queues and IRQs: {0}")]
+    Plan(String),
     /// Reading the kernel's tables failed.
     #[error("reading next hops from the kernel: {0}")]
     Netlink(String),
@@ -85,6 +89,36 @@ fn ifindex_of(name: &str) -> Option<u32> {
     // SAFETY: `c` is a valid NUL-terminated string.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
     (i != 0).then_some(i)
+}
+
+/// The worker cores of a configuration (default: every core).
+pub fn worker_cores(cfg: &NodeConfig) -> Vec<usize> {
+    if cfg.cores.is_empty() {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+    } else {
+        cfg.cores.clone()
+    }
+}
+
+/// Discovers the configured interfaces' queues and IRQs and plans which worker core serves
+/// each queue and where each IRQ goes (see [`plan`]).
+pub fn make_plan(cfg: &NodeConfig) -> Result<plan::Plan, StartError> {
+    let names: Vec<&str> = cfg.interfaces.iter().map(|i| i.name.as_str()).collect();
+    let mut ifs = plan::discover_with(std::path::Path::new("/"), &names, &plan::Ethtool)
+        .map_err(|e| StartError::Plan(e.to_string()))?;
+    for (info, conf) in ifs.iter_mut().zip(&cfg.interfaces) {
+        if let Some(q) = &conf.queues {
+            info.queues.retain(|x| q.contains(x));
+            for x in q {
+                if !info.queues.contains(x) {
+                    info.queues.push(*x);
+                }
+            }
+            info.queues.sort_unstable();
+        }
+    }
+    let hk = (!cfg.housekeeping_cores.is_empty()).then_some(cfg.housekeeping_cores.as_slice());
+    Ok(plan::plan(&ifs, &worker_cores(cfg), hk))
 }
 
 /// A snapshot of the process's counters, as written to the stats file.
@@ -163,20 +197,30 @@ impl Dataplane {
     /// Sets everything up and starts forwarding; see the module docs for the order.
     pub fn start(cfg: NodeConfig) -> Result<Dataplane, StartError> {
         let started = Instant::now();
-        // Interfaces and sockets.
-        let mut ports: Vec<Port> = Vec::new();
+        // Which worker core serves each (interface, queue), and where its IRQ goes.
+        let the_plan = make_plan(&cfg)?;
+        tracing::info!("queue plan:\n{the_plan}");
+        if cfg.irq_affinity && !the_plan.irqs.is_empty() {
+            match plan::apply(&the_plan, std::path::Path::new("/")) {
+                Ok(r) => tracing::info!("IRQ affinity: {r}"),
+                Err(e) => tracing::warn!(error = %e, "IRQ affinity not applied"),
+            }
+        }
+        let cores = the_plan.workers.clone();
+        let nworkers = cores.len().max(1);
+        // Sockets, each handed to its planned worker.
+        let mut per_worker: Vec<Vec<Port>> = (0..nworkers).map(|_| Vec::new()).collect();
+        let mut fds: Vec<(String, u32, u32, i32)> = Vec::new();
         let mut managed = Vec::new();
         for i in &cfg.interfaces {
             let ifindex = ifindex_of(&i.name).ok_or_else(|| StartError::NoInterface(i.name.clone()))?;
             managed.push(ifindex);
-            let queues: Vec<u32> = match &i.queues {
-                Some(q) => q.clone(),
-                None => (0..rx_queues(&i.name)).collect(),
-            };
-            for q in queues {
-                ports.push(Port::open(&i.name, ifindex, q, cfg.umem_frames)?);
-                tracing::info!(iface = %i.name, ifindex, queue = q, role = ?i.role, "AF_XDP socket open");
-            }
+        }
+        for q in &the_plan.queues {
+            let p = Port::open(&q.iface, q.ifindex, q.queue, cfg.umem_frames)?;
+            tracing::info!(iface = %q.iface, ifindex = q.ifindex, queue = q.queue, worker = q.worker, core = q.core, "AF_XDP socket open");
+            fds.push((p.name.clone(), p.ifindex, p.queue, p.fd()));
+            per_worker[q.worker.min(nworkers - 1)].push(p);
         }
         let punt = if cfg.punt_device.is_empty() {
             None
@@ -198,12 +242,6 @@ impl Dataplane {
         refresh_routes(&applier, &managed).map_err(StartError::Netlink)?;
 
         // Workers.
-        let cores: Vec<usize> = if cfg.cores.is_empty() {
-            (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
-        } else {
-            cfg.cores.clone()
-        };
-        let nworkers = cores.len().min(ports.len()).max(1);
         let shared = Shared::new(1 << 20, 1 << 16);
         let handoff = Arc::new(Handoff::new(&managed, 1024, 4096));
         let raw_map: HashMap<u32, u32> = cfg
@@ -214,17 +252,16 @@ impl Dataplane {
                 Some((ifindex_of(&i.name)?, ifindex_of(to)?))
             })
             .collect();
-        let mut per_worker: Vec<Vec<Port>> = (0..nworkers).map(|_| Vec::new()).collect();
-        let mut fds: Vec<(String, u32, u32, i32)> = Vec::new();
-        for (k, p) in ports.into_iter().enumerate() {
-            fds.push((p.name.clone(), p.ifindex, p.queue, p.fd()));
-            per_worker[k % nworkers].push(p);
-        }
         let stop = Arc::new(AtomicBool::new(false));
-        let ready = Arc::new(std::sync::Barrier::new(nworkers + 1));
+        // A worker with no queue planned for it has nothing to poll: it is not started.
+        let busy = per_worker.iter().filter(|p| !p.is_empty()).count();
+        let ready = Arc::new(std::sync::Barrier::new(busy + 1));
         let mut threads = Vec::new();
         let mut stats = Vec::new();
         for (id, ports) in per_worker.into_iter().enumerate() {
+            if ports.is_empty() {
+                continue;
+            }
             let wcfg = WorkerConfig {
                 worker_id: id as u16,
                 workers: nworkers as u16,
