@@ -84,6 +84,22 @@ pub fn rx_queues(iface: &str) -> u32 {
         .max(1)
 }
 
+/// Opens a socket, retrying for a few seconds while the queue is busy: the kernel releases the
+/// sockets of a process that just died asynchronously, so a restart after a crash can find the
+/// queue still bound for a moment.
+fn open_port(iface: &str, ifindex: u32, queue: u32, frames: u32) -> Result<Port, xsk::XskError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Port::open(iface, ifindex, queue, frames) {
+            Err(e) if e.is_busy() && Instant::now() < deadline => {
+                tracing::warn!(iface, queue, "queue busy (a previous run's socket?), retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn ifindex_of(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: `c` is a valid NUL-terminated string.
@@ -217,7 +233,7 @@ impl Dataplane {
             managed.push(ifindex);
         }
         for q in &the_plan.queues {
-            let p = Port::open(&q.iface, q.ifindex, q.queue, cfg.umem_frames)?;
+            let p = open_port(&q.iface, q.ifindex, q.queue, cfg.umem_frames)?;
             tracing::info!(iface = %q.iface, ifindex = q.ifindex, queue = q.queue, worker = q.worker, core = q.core, "AF_XDP socket open");
             fds.push((p.name.clone(), p.ifindex, p.queue, p.fd()));
             per_worker[q.worker.min(nworkers - 1)].push(p);

@@ -43,10 +43,19 @@ pub enum XskError {
         queue: u32,
         /// Cause.
         reason: String,
+        /// The OS error, if any.
+        errno: Option<i32>,
     },
     /// A bad setting.
     #[error("{0}")]
     Config(String),
+}
+
+impl XskError {
+    /// Whether the queue was busy (still bound by another socket).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, XskError::Socket { errno: Some(e), .. } if *e == libc::EBUSY)
+    }
 }
 
 /// The UMEM region's base address, so a frame's full room (not just its current length) can be
@@ -124,12 +133,16 @@ impl Port {
                 iface: iface.into(),
                 queue,
                 reason: format!("{e} ({:?})", std::error::Error::source(&e)),
+                errno: std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<std::io::Error>())
+                    .and_then(|io| io.raw_os_error()),
             },
         )?;
         let (fq, cq) = rings.ok_or_else(|| XskError::Socket {
             iface: iface.into(),
             queue,
             reason: "no fill/completion rings returned for an unshared UMEM".into(),
+            errno: None,
         })?;
         // The region's base: frame 0's data segment address minus its offset.
         let d0 = &mut descs[0];
