@@ -621,20 +621,28 @@ fn accept_loop(
     }
 }
 
-/// Serves one control-plane connection until it closes.
-pub fn serve_conn(mut stream: UnixStream, applier: &Mutex<Applier>) {
+/// Serves one control-plane connection until it closes, then shuts the socket down (the
+/// server keeps a clone of every connection for [`Server::shutdown`], so dropping ours would
+/// not close it).
+pub fn serve_conn(stream: UnixStream, applier: &Mutex<Applier>) {
+    let mut stream = stream;
+    serve(&mut stream, applier);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+fn serve(stream: &mut UnixStream, applier: &Mutex<Applier>) {
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let (hello, stats) = {
         let a = applier.lock();
         (a.hello(), a.stats().clone())
     };
     SyncStats::bump(&stats.connections);
-    if let Err(e) = write_frame(&mut stream, &hello) {
+    if let Err(e) = write_frame(stream, &hello) {
         tracing::debug!(error = %e, "sync: hello not sent");
         return;
     }
     loop {
-        let reply = match read_frame::<_, ToDataplane>(&mut stream) {
+        let reply = match read_frame::<_, ToDataplane>(stream) {
             Ok(msg) => match applier.lock().apply(msg) {
                 Ok(generation) => ToControl::Ack { generation },
                 Err(e) => {
@@ -651,7 +659,7 @@ pub fn serve_conn(mut stream: UnixStream, applier: &Mutex<Applier>) {
                 SyncStats::bump(&stats.too_large);
                 tracing::warn!(len = n, "sync: oversized frame, closing connection");
                 let _ = write_frame(
-                    &mut stream,
+                    stream,
                     &ToControl::Error { reason: FrameError::TooLarge(n).to_string() },
                 );
                 return;
@@ -662,7 +670,7 @@ pub fn serve_conn(mut stream: UnixStream, applier: &Mutex<Applier>) {
                 return;
             }
         };
-        if let Err(e) = write_frame(&mut stream, &reply) {
+        if let Err(e) = write_frame(stream, &reply) {
             tracing::debug!(error = %e, "sync: reply not sent, closing connection");
             return;
         }

@@ -1,0 +1,176 @@
+//! The control loop: source events -> store -> compiler -> publication.
+//!
+//! Events are taken in batches (everything queued at the moment), applied to the store, and
+//! the compiler then rebuilds what the batch touched. Nothing is compiled or published until
+//! every kind has been listed once ([`Event::Replace`] seen for all six): before that the
+//! picture is partial, and publishing it could shrink a dataplane's good tables. The first
+//! diff after that is always delivered, even when empty, so an empty cluster still yields an
+//! (empty) snapshot.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::compile::{Compiler, Diff, NodeContext};
+use crate::publish::Publisher;
+use crate::source::kube::{self as kube_source, ClientOptions, WatchStats};
+use crate::source::manifests::{embedded_objects, replace_events, ManifestDir, POLL_INTERVAL};
+use crate::store::{Event, Kind, Store};
+
+/// Store and compiler, fed by events.
+#[derive(Debug)]
+pub struct Controller {
+    store: Store,
+    compiler: Compiler,
+    listed: BTreeSet<Kind>,
+    started: bool,
+}
+
+impl Controller {
+    /// A controller for the node described by `ctx`.
+    pub fn new(ctx: NodeContext) -> Self {
+        Self { store: Store::new(), compiler: Compiler::new(ctx), listed: BTreeSet::new(), started: false }
+    }
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+    /// The compiler.
+    pub fn compiler(&self) -> &Compiler {
+        &self.compiler
+    }
+    /// Whether every kind has been listed (compilation has started).
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
+    /// Applies a batch of events; returns the diff to publish, if any.
+    pub fn handle(&mut self, events: impl IntoIterator<Item = Event>) -> Option<Diff> {
+        for e in events {
+            if let Event::Replace(kind, _) = &e {
+                self.listed.insert(*kind);
+            }
+            self.store.apply(e);
+        }
+        if !self.started {
+            if self.listed.len() < Kind::ALL.len() {
+                return None;
+            }
+            self.started = true;
+            self.store.take_changes();
+            return Some(self.compiler.compile_all(&self.store));
+        }
+        let changes = self.store.take_changes();
+        if changes.is_empty() {
+            return None;
+        }
+        let diff = self.compiler.compile(&self.store, &changes);
+        (!diff.is_empty()).then_some(diff)
+    }
+}
+
+/// Receives events until `rx` closes, handing each diff to `sink`.
+pub async fn drive(
+    mut rx: mpsc::Receiver<Event>,
+    controller: &mut Controller,
+    mut sink: impl FnMut(&Controller, Diff),
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(e) = rx.try_recv() {
+            batch.push(e);
+        }
+        if let Some(diff) = controller.handle(batch) {
+            tracing::info!(
+                generation = diff.generation,
+                upserts = diff.upserts.len(),
+                removals = diff.removals.len(),
+                ports = controller.compiler().ports().len(),
+                "compiled"
+            );
+            sink(controller, diff);
+        }
+    }
+}
+
+/// Where objects come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The Kubernetes API server.
+    Kube(ClientOptions),
+    /// A manifest directory, polled for changes.
+    Manifests(PathBuf),
+    /// The demo manifests compiled into the binary.
+    Embedded,
+}
+
+/// Starts a source sending into `tx`.
+pub async fn start_source(
+    source: &Source,
+    node_name: &str,
+    tx: mpsc::Sender<Event>,
+) -> anyhow::Result<()> {
+    match source {
+        Source::Kube(opts) => {
+            let client = kube_source::client(opts).await?;
+            kube_source::spawn_watchers(client, node_name, tx, Arc::new(WatchStats::default()));
+        }
+        Source::Manifests(dir) => {
+            tokio::spawn(ManifestDir::new(dir.clone()).run(tx, POLL_INTERVAL));
+        }
+        Source::Embedded => {
+            let mut skips = crate::skips::Skips::new();
+            let events = replace_events(embedded_objects(&mut skips));
+            tokio::spawn(async move {
+                for e in events {
+                    if tx.send(e).await.is_err() {
+                        return;
+                    }
+                }
+                // Keep the channel open: the embedded set never changes.
+                tx.closed().await;
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Loads a source once, compiles, and returns the controller (for `--dump`). For the API
+/// server this waits until every kind has been listed.
+pub async fn load_once(source: &Source, ctx: NodeContext) -> anyhow::Result<Controller> {
+    let mut controller = Controller::new(ctx.clone());
+    match source {
+        Source::Manifests(dir) => {
+            let events = ManifestDir::new(dir.clone()).load()?;
+            controller.handle(events);
+        }
+        Source::Embedded => {
+            let mut skips = crate::skips::Skips::new();
+            controller.handle(replace_events(embedded_objects(&mut skips)));
+        }
+        Source::Kube(_) => {
+            let (tx, mut rx) = mpsc::channel(1024);
+            start_source(source, &ctx.name, tx).await?;
+            while !controller.started() {
+                let Some(e) = rx.recv().await else {
+                    anyhow::bail!("API server source ended before every kind was listed");
+                };
+                controller.handle([e]);
+            }
+        }
+    }
+    Ok(controller)
+}
+
+/// Runs the control plane until the source ends: compile, publish to `socket`.
+pub async fn run(source: Source, ctx: NodeContext, socket: PathBuf) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel(4096);
+    start_source(&source, &ctx.name, tx).await?;
+    let publisher = Publisher::spawn(&socket)?;
+    let mut controller = Controller::new(ctx);
+    drive(rx, &mut controller, |_, diff| publisher.send(diff)).await;
+    publisher.shutdown();
+    Ok(())
+}
