@@ -7,18 +7,34 @@
 //! tuple, a reply packet to the reverse of the original tuple.
 //!
 //! Layout and invariants:
-//! - Flow records live in a slab of fixed capacity; free slab indices sit on a free list whose
-//!   capacity is reserved up front, so inserting and removing never allocate.
-//! - Keys live in a set-associative index: `2^k` buckets of [`WAYS`] slots. A slot holds a key
-//!   and `slab index + 1` (0 = empty) with the reply-direction flag in the top bit. A live flow
-//!   always has exactly two slots, one per key; removing a flow clears both.
+//! - Flow records live in a slab of fixed capacity, one 128-byte aligned entry (two cache lines)
+//!   per flow; free slab indices sit on a free list whose capacity is reserved up front, so
+//!   inserting and removing never allocate.
+//! - Keys are found through an index of `2^k` buckets, each exactly one 64-byte cache line of
+//!   [`WAYS`] slots. A slot holds `slab index + 1` (0 = empty) with the reply-direction flag in
+//!   the top bit, and a 16-bit tag from hash bits that bucket selection (mostly) does not use.
+//!   The keys themselves are not in the index: a tag match is confirmed against the key stored
+//!   in the flow record (its orig or reply tuple, by the direction flag), which the packet needs
+//!   anyway. A lookup thus touches one or two bucket lines and the flow's record; a false tag
+//!   match (20 tags compared at most: under one lookup in 3,000) costs one more record read.
+//! - A live flow always has exactly two slots, one per key; the record remembers where they are
+//!   (and each key's other candidate bucket), so removing a flow clears both without hashing.
 //! - Each key has two candidate buckets (two-choice hashing, from two halves of one hash) and
-//!   goes to the less loaded of the two; lookups check the first, then the second. With one
-//!   bucket per key, a table at half load would already overflow about 2% of its buckets and
-//!   evict live flows; with two choices it holds its full capacity.
-//! - When both buckets (or the slab) are full, the flow with the oldest `last_seen` among the
-//!   candidates is evicted (an expired one first). Eviction is counted; the table never grows
-//!   and never refuses a new flow, so memory is bounded whatever the traffic.
+//!   goes to the less loaded of the two; lookups check the first, then the second. The index is
+//!   sized for at most 0.8 load. When both buckets of a new key are full, a key already there is
+//!   first moved to its other candidate bucket if that has room (one cuckoo step), so the table
+//!   holds its full capacity without evicting; only if none can move is the oldest flow there
+//!   evicted.
+//! - When the slab is full, the victim is the oldest of a few flows sampled from the new key's
+//!   own two buckets (lines the lookup has just read, whose records the batch pipeline
+//!   prefetches), an expired one first; a slab clock scan is the fallback for empty buckets.
+//!   Eviction is counted; the table never grows and never refuses a new flow, so memory is
+//!   bounded whatever the traffic.
+//! - The index and the slab are allocated on transparent huge pages ([`crate::mem`]): at a
+//!   million flows they span about 150 MB, and on 4 KiB pages every random access would also
+//!   miss the TLB.
+//! - [`Conntrack::prefetch_buckets`] and [`Conntrack::prefetch_flow`] let the batch pipeline
+//!   start the cache misses of a whole batch before it processes any packet.
 //! - Expiry is lazy (a lookup that finds an expired flow removes it) plus an incremental sweep
 //!   ([`Conntrack::gc`]) that the I/O loop runs with a small budget, so connection counts used by
 //!   the least-connection schedulers drop back when flows end.
@@ -33,14 +49,20 @@ use ahash::RandomState;
 use serde::{Deserialize, Serialize};
 
 use crate::balance::ConnCounts;
+use crate::mem::{prefetch, HugeArray, Zeroable};
 use crate::tables::{BackendId, ServiceId};
 use crate::wire::{tcp_flags, IPPROTO_TCP, IPPROTO_UDP};
 
-/// Slots per bucket.
-pub const WAYS: usize = 8;
-/// Slab entries examined when the slab is full and a victim is needed.
+/// Slots per bucket (ten 4-byte values and ten 2-byte tags fill one 64-byte line).
+pub const WAYS: usize = 10;
+/// Flows sampled per bucket (of the new key's two) when the slab is full and a victim is needed.
+const VICTIM_SAMPLE: u32 = 2;
+/// Slab entries examined when the sampled buckets hold no flow.
 const SLAB_SCAN: usize = 16;
 const REPLY_BIT: u32 = 1 << 31;
+/// Largest capacity: slot positions (`bucket << 4 | way`) must fit in 32 bits.
+const MAX_CAPACITY: usize = 1 << 27;
+const ALL_WAYS: u32 = (1 << WAYS) - 1;
 
 /// A 5-tuple (ICMP queries use the identifier as both ports).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -174,30 +196,40 @@ const FIN_ORIG: u8 = 1;
 const FIN_REPLY: u8 = 2;
 
 /// One tracked flow.
+///
+/// The fields are laid out (`repr(C)`) so that everything eviction and removal read (times,
+/// backend, slot positions, liveness) is in the record's first cache line.
 #[derive(Clone, Copy, Debug, Serialize)]
+#[repr(C)]
 pub struct Flow {
-    /// Tuple as the client sends it.
-    pub orig: FlowKey,
-    /// Tuple as the backend sends back.
-    pub reply: FlowKey,
-    /// Service port the flow belongs to (0 for untranslated flows).
-    pub service: ServiceId,
-    /// Backend chosen (0 for untranslated flows).
-    pub backend: BackendId,
-    /// Table generation against which the backend was last checked.
-    pub generation: u64,
     /// Expiry time, ns.
     pub expires: u64,
     /// Last packet time, ns.
     pub last_seen: u64,
+    /// Table generation against which the backend was last checked.
+    pub generation: u64,
     /// Packets seen, original direction.
     pub packets_orig: u64,
     /// Packets seen, reply direction.
     pub packets_reply: u64,
+    /// Service port the flow belongs to (0 for untranslated flows).
+    pub service: ServiceId,
+    /// Backend chosen (0 for untranslated flows).
+    pub backend: BackendId,
+    /// Index positions of the orig and reply keys (`bucket << 4 | way`).
+    #[serde(skip)]
+    slots: [u32; 2],
     /// Connection state.
     pub state: State,
     fins: u8,
     live: bool,
+    /// Tuple as the client sends it.
+    pub orig: FlowKey,
+    /// Tuple as the backend sends back.
+    pub reply: FlowKey,
+    /// The other candidate bucket of the orig and reply keys.
+    #[serde(skip)]
+    alt: [u32; 2],
 }
 
 impl Flow {
@@ -211,9 +243,11 @@ impl Flow {
         last_seen: 0,
         packets_orig: 0,
         packets_reply: 0,
+        slots: [0; 2],
         state: State::Unreplied,
         fins: 0,
         live: false,
+        alt: [0; 2],
     };
 
     /// A new flow in its initial state for the first packet's TCP flags.
@@ -294,12 +328,126 @@ pub struct CtStats {
     pub removed: u64,
 }
 
+/// One index bucket: a single cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Bucket {
+    /// `slab index + 1` (0 = empty), with [`REPLY_BIT`] for a reply-direction key.
+    vals: [u32; WAYS],
+    /// Tag of each slot's key, 0 when empty (a key's tag is never 0). Two spare entries pad the
+    /// bucket to 64 bytes and stay 0.
+    tags: [u16; 12],
+}
+
+// SAFETY: all fields are integers; all-zero is an empty bucket.
+unsafe impl Zeroable for Bucket {}
+
+/// A slab entry: a flow record on its own pair of cache lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(128))]
+struct Entry(Flow);
+
+// SAFETY: every field of `Flow` is an integer, a bool, an array or struct of integers, or
+// `State`, whose variant 0 (`Unreplied`, checked below) is valid; all-zero is `Flow::EMPTY`.
+unsafe impl Zeroable for Entry {}
+
+const _: () = {
+    assert!(std::mem::size_of::<Bucket>() == 64);
+    assert!(std::mem::size_of::<Entry>() == 128);
+    assert!(State::Unreplied as u8 == 0);
+    // What eviction and removal read sits in the record's first line.
+    assert!(std::mem::offset_of!(Flow, live) < 64);
+    assert!(std::mem::offset_of!(Flow, slots) + 8 <= 64);
+};
+
+impl Bucket {
+    /// Ways whose tag equals `tag`, a bit per way (empty ways never match a key's tag).
+    #[inline(always)]
+    fn matching(&self, tag: u16) -> u32 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::*;
+            // SAFETY: SSE2 is part of the x86-64 baseline, so the intrinsics are available. The
+            // loads read inside `self.tags` (24 bytes: 16 from its start, 8 from byte 16);
+            // unaligned loads are allowed.
+            unsafe {
+                let p = self.tags.as_ptr();
+                let lo = _mm_loadu_si128(p.cast());
+                let hi = _mm_loadl_epi64(p.add(8).cast());
+                let t = _mm_set1_epi16(tag as i16);
+                // 16-bit lanes equal -> -1, packed to one byte per way (ways 10.. are 0).
+                let eq = _mm_packs_epi16(_mm_cmpeq_epi16(lo, t), _mm_cmpeq_epi16(hi, t));
+                _mm_movemask_epi8(eq) as u32 & ALL_WAYS
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let mut m = 0;
+            for w in 0..WAYS {
+                m |= u32::from(self.tags[w] == tag) << w;
+            }
+            m
+        }
+    }
+
+    /// Occupied ways, a bit per way.
+    #[inline(always)]
+    fn occupied(&self) -> u32 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::*;
+            // SAFETY: SSE2 is part of the x86-64 baseline. The loads read inside `self.vals`
+            // (40 bytes: 16 at 0, 16 at 16, 8 at 32); unaligned loads are allowed.
+            unsafe {
+                let p = self.vals.as_ptr();
+                let z = _mm_setzero_si128();
+                let a = _mm_cmpeq_epi32(_mm_loadu_si128(p.cast()), z);
+                let b = _mm_cmpeq_epi32(_mm_loadu_si128(p.add(4).cast()), z);
+                // Ways 8 and 9; the upper half loads as zero and is masked off below.
+                let c = _mm_cmpeq_epi32(_mm_loadl_epi64(p.add(8).cast()), z);
+                let empty = _mm_packs_epi16(_mm_packs_epi32(a, b), _mm_packs_epi32(c, z));
+                !(_mm_movemask_epi8(empty) as u32) & ALL_WAYS
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let mut m = 0;
+            for w in 0..WAYS {
+                m |= u32::from(self.vals[w] != 0) << w;
+            }
+            m
+        }
+    }
+
+    #[inline(always)]
+    fn free(&self) -> u32 {
+        !self.occupied() & ALL_WAYS
+    }
+}
+
+/// The index tag of a hash: bits 16..32 folded with 48..64, which bucket selection (bits 0..k
+/// and 32..32+k) leaves alone for tables of up to 2^16 buckets and mixes in beyond. Never 0,
+/// the tag of an empty way.
+#[inline(always)]
+fn tag_of(h: u64) -> u16 {
+    (((h >> 16) ^ (h >> 48)) as u16).max(1)
+}
+
+#[inline(always)]
+fn slot_pos(bucket: usize, way: usize) -> u32 {
+    ((bucket as u32) << 4) | way as u32
+}
+
+#[inline(always)]
+fn slab_index(v: u32) -> u32 {
+    (v & !REPLY_BIT) - 1
+}
+
 /// A per-worker connection table.
 pub struct Conntrack {
-    keys: Box<[[u64; 2]]>,
-    vals: Box<[u32]>,
+    index: HugeArray<Bucket>,
     bucket_mask: usize,
-    flows: Box<[Flow]>,
+    flows: HugeArray<Entry>,
     free: Vec<u32>,
     hasher: RandomState,
     conns: Arc<ConnCounts>,
@@ -311,20 +459,18 @@ pub struct Conntrack {
 }
 
 impl Conntrack {
-    /// A table for `capacity` flows (at least 16). Backend connection counts are kept in
-    /// `conns`: incremented on insert, decremented when a flow leaves.
+    /// A table for `capacity` flows (at least 16, at most 2^27). Backend connection counts are
+    /// kept in `conns`: incremented on insert, decremented when a flow leaves.
     pub fn new(capacity: usize, timeouts: Timeouts, conns: Arc<ConnCounts>) -> Self {
-        let capacity = capacity.clamp(16, (REPLY_BIT - 1) as usize);
+        let capacity = capacity.clamp(16, MAX_CAPACITY);
         // Two keys per flow at a load factor of at most 0.8.
-        let slots = (capacity * 2 * 5 / 4).next_power_of_two().max(WAYS);
-        let buckets = slots / WAYS;
+        let buckets = (capacity * 2 * 5 / 4).div_ceil(WAYS).next_power_of_two().max(8);
         let mut free: Vec<u32> = Vec::with_capacity(capacity);
         free.extend((0..capacity as u32).rev());
         Self {
-            keys: vec![[0u64; 2]; slots].into_boxed_slice(),
-            vals: vec![0u32; slots].into_boxed_slice(),
+            index: HugeArray::zeroed(buckets),
             bucket_mask: buckets - 1,
-            flows: vec![Flow::EMPTY; capacity].into_boxed_slice(),
+            flows: HugeArray::zeroed(capacity),
             free,
             hasher: RandomState::new(),
             conns,
@@ -367,10 +513,53 @@ impl Conntrack {
         self.hasher.hash_one(key.pack())
     }
 
-    /// The two candidate buckets of a hash (first slot index of each).
+    /// The two candidate buckets of a hash.
     #[inline(always)]
     fn buckets(&self, h: u64) -> [usize; 2] {
-        [(h as usize & self.bucket_mask) * WAYS, ((h >> 32) as usize & self.bucket_mask) * WAYS]
+        [h as usize & self.bucket_mask, (h >> 32) as usize & self.bucket_mask]
+    }
+
+    /// Starts loading the two index lines a lookup of hash `h` reads (first pass over a batch).
+    #[inline(always)]
+    pub fn prefetch_buckets(&self, h: u64) {
+        let base = self.index.as_ptr();
+        for b in self.buckets(h) {
+            prefetch(base.wrapping_add(b));
+        }
+    }
+
+    /// Starts loading the flow records a lookup of a key of hash `h` will read: those whose
+    /// tags match in its buckets (normally just its own flow). For a key with no match, when the
+    /// slab is full, the first lines of the eviction candidates an insert of it would examine.
+    /// Returns whether some tag matched (if not, the key is certainly not in the table).
+    /// Best after [`Conntrack::prefetch_buckets`] had time to complete (second pass over a
+    /// batch).
+    #[inline(always)]
+    pub fn prefetch_flow(&self, h: u64) -> bool {
+        let tag = tag_of(h);
+        let base = self.flows.as_ptr();
+        let mut hit = false;
+        for b in self.buckets(h) {
+            let bk = &self.index[b];
+            let mut m = bk.matching(tag);
+            while m != 0 {
+                let w = m.trailing_zeros() as usize;
+                m &= m - 1;
+                let e = base.wrapping_add(slab_index(bk.vals[w]) as usize);
+                prefetch(e);
+                prefetch(e.cast::<u8>().wrapping_add(64));
+                hit = true;
+            }
+        }
+        if !hit && self.free.is_empty() {
+            // Both lines: the victim's record is rewritten whole for the new flow.
+            self.sample_victims(h, |fi| {
+                let e = base.wrapping_add(fi as usize);
+                prefetch(e);
+                prefetch(e.cast::<u8>().wrapping_add(64));
+            });
+        }
+        hit
     }
 
     /// Finds a live flow by either of its keys. An expired flow found here is removed.
@@ -383,8 +572,8 @@ impl Conntrack {
     /// [`Conntrack::lookup`] with the key's hash already computed.
     #[inline]
     pub fn lookup_hashed(&mut self, key: &FlowKey, h: u64, now: u64) -> Option<(u32, Dir)> {
-        let (idx, dir) = self.find(key.pack(), h)?;
-        if self.flows[idx as usize].expires <= now {
+        let (idx, dir) = self.find(key, h)?;
+        if self.flows[idx as usize].0.expires <= now {
             self.remove_inner(idx);
             self.stats.expired += 1;
             return None;
@@ -398,13 +587,23 @@ impl Conntrack {
     }
 
     #[inline(always)]
-    fn find(&self, packed: [u64; 2], h: u64) -> Option<(u32, Dir)> {
+    fn find(&self, key: &FlowKey, h: u64) -> Option<(u32, Dir)> {
+        let tag = tag_of(h);
         for b in self.buckets(h) {
-            for s in b..b + WAYS {
-                let v = self.vals[s];
-                if v != 0 && self.keys[s] == packed {
-                    let dir = if v & REPLY_BIT != 0 { Dir::Reply } else { Dir::Orig };
-                    return Some(((v & !REPLY_BIT) - 1, dir));
+            let bk = &self.index[b];
+            let mut m = bk.matching(tag);
+            while m != 0 {
+                let w = m.trailing_zeros() as usize;
+                m &= m - 1;
+                let v = bk.vals[w];
+                let idx = slab_index(v);
+                let f = &self.flows[idx as usize].0;
+                if v & REPLY_BIT == 0 {
+                    if f.orig == *key {
+                        return Some((idx, Dir::Orig));
+                    }
+                } else if f.reply == *key {
+                    return Some((idx, Dir::Reply));
                 }
             }
         }
@@ -414,28 +613,41 @@ impl Conntrack {
     /// A flow by slab index.
     #[inline(always)]
     pub fn flow(&self, idx: u32) -> &Flow {
-        &self.flows[idx as usize]
+        &self.flows[idx as usize].0
     }
     /// A flow by slab index, mutable.
     #[inline(always)]
     pub fn flow_mut(&mut self, idx: u32) -> &mut Flow {
-        &mut self.flows[idx as usize]
+        &mut self.flows[idx as usize].0
     }
     /// Updates a flow's state for a packet.
     #[inline]
     pub fn on_packet(&mut self, idx: u32, dir: Dir, flags: u8, now: u64) {
         let t = self.timeouts;
-        self.flows[idx as usize].on_packet(dir, flags, now, &t);
+        self.flows[idx as usize].0.on_packet(dir, flags, now, &t);
     }
 
     /// Inserts a new flow (its keys must not be in use: check with [`Conntrack::contains`]),
     /// evicting the oldest flows where its buckets or the slab are full. The flow's first
     /// packet is accounted. Returns its slab index.
-    pub fn insert(&mut self, mut flow: Flow, flags: u8, now: u64) -> u32 {
+    pub fn insert(&mut self, flow: Flow, flags: u8, now: u64) -> u32 {
+        let (ho, hr) = (self.hash(&flow.orig), self.hash(&flow.reply));
+        self.insert_hashed(flow, ho, hr, flags, now)
+    }
+
+    /// [`Conntrack::insert`] with the hashes of the flow's orig and reply keys already computed.
+    pub fn insert_hashed(
+        &mut self,
+        mut flow: Flow,
+        h_orig: u64,
+        h_reply: u64,
+        flags: u8,
+        now: u64,
+    ) -> u32 {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
-                let v = self.slab_victim(now);
+                let v = self.victim_near(h_orig, now).unwrap_or_else(|| self.slab_victim(now));
                 self.evict(v, now);
                 self.free.pop().expect("evicting a flow frees its slab entry")
             }
@@ -445,15 +657,9 @@ impl Conntrack {
         flow.packets_orig = 0;
         flow.packets_reply = 0;
         flow.on_packet(Dir::Orig, flags, now, &self.timeouts);
-        self.flows[idx as usize] = flow;
-        let orig = flow.orig.pack();
-        let reply = flow.reply.pack();
-        let so = self.free_slot(self.hash(&flow.orig), idx, now);
-        self.keys[so] = orig;
-        self.vals[so] = idx + 1;
-        let sr = self.free_slot(self.hash(&flow.reply), idx, now);
-        self.keys[sr] = reply;
-        self.vals[sr] = (idx + 1) | REPLY_BIT;
+        self.flows[idx as usize].0 = flow;
+        self.place(h_orig, idx + 1, now);
+        self.place(h_reply, (idx + 1) | REPLY_BIT, now);
         if flow.backend != 0 {
             self.conns.inc(flow.backend);
         }
@@ -462,27 +668,66 @@ impl Conntrack {
         idx
     }
 
-    /// A free slot in one of the key's buckets, evicting the oldest other flow there if both
-    /// are full.
-    fn free_slot(&mut self, h: u64, own: u32, now: u64) -> usize {
-        let bs = self.buckets(h);
+    /// Puts index value `val` (of a flow whose record is already in the slab) into a free way
+    /// of the less loaded of its key's buckets, making room if both are full, and records the
+    /// position in the flow.
+    fn place(&mut self, h: u64, val: u32, now: u64) {
+        let [b0, b1] = self.buckets(h);
+        let (f0, f1) = (self.index[b0].free(), self.index[b1].free());
         // The less loaded of the two buckets (the power of two choices).
-        let free = |b: usize| (b..b + WAYS).filter(|&s| self.vals[s] == 0).count();
-        let (f0, f1) = (free(bs[0]), free(bs[1]));
-        if f0 + f1 > 0 {
-            let b = if f0 >= f1 { bs[0] } else { bs[1] };
-            return (b..b + WAYS).find(|&s| self.vals[s] == 0).expect("counted a free slot");
+        let (b, alt, free) = if f0 | f1 == 0 {
+            let b = self.make_room(b0, b1, slab_index(val), now);
+            (b, if b == b0 { b1 } else { b0 }, self.index[b].free())
+        } else if f0.count_ones() >= f1.count_ones() {
+            (b0, b1, f0)
+        } else {
+            (b1, b0, f1)
+        };
+        self.put(b, free, val, tag_of(h), alt);
+    }
+
+    /// Writes `val` into a free way of bucket `b` (`free` is its mask of free ways, not empty)
+    /// and records the position in the flow.
+    #[inline(always)]
+    fn put(&mut self, b: usize, free: u32, val: u32, tag: u16, alt: usize) {
+        let w = free.trailing_zeros() as usize;
+        let bk = &mut self.index[b];
+        bk.vals[w] = val;
+        bk.tags[w] = tag;
+        let d = usize::from(val & REPLY_BIT != 0);
+        let f = &mut self.flows[slab_index(val) as usize].0;
+        f.slots[d] = slot_pos(b, w);
+        f.alt[d] = alt as u32;
+    }
+
+    /// Both buckets of a new key are full: moves a key from one of them to its other candidate
+    /// bucket if one has room, else evicts the oldest flow there other than `own`. Returns the
+    /// bucket that now has a free way. Rare: the index is sized for at most 0.8 load.
+    #[cold]
+    fn make_room(&mut self, b0: usize, b1: usize, own: u32, now: u64) -> usize {
+        for b in [b0, b1] {
+            for w in 0..WAYS {
+                let v = self.index[b].vals[w];
+                let d = usize::from(v & REPLY_BIT != 0);
+                let alt = self.flows[slab_index(v) as usize].0.alt[d] as usize;
+                let free = self.index[alt].free();
+                if alt != b && free != 0 {
+                    let tag = self.index[b].tags[w];
+                    self.index[b].vals[w] = 0;
+                    self.index[b].tags[w] = 0;
+                    self.put(alt, free, v, tag, b);
+                    return b;
+                }
+            }
         }
         let mut victim: Option<(u64, u32)> = None;
-        for b in bs {
-            for s in b..b + WAYS {
-                let fi = (self.vals[s] & !REPLY_BIT) - 1;
+        for b in [b0, b1] {
+            for w in 0..WAYS {
+                let fi = slab_index(self.index[b].vals[w]);
                 if fi == own {
                     continue;
                 }
-                let f = &self.flows[fi as usize];
-                // Expired flows sort before every live one.
-                let age = if f.expires <= now { 0 } else { f.last_seen.saturating_add(1) };
+                let age = self.age(fi, now);
                 if victim.is_none_or(|(a, _)| age < a) {
                     victim = Some((age, fi));
                 }
@@ -490,23 +735,75 @@ impl Conntrack {
         }
         let (_, fi) = victim.expect("two full buckets hold at least one other flow");
         self.evict(fi, now);
-        bs.into_iter()
-            .flat_map(|b| b..b + WAYS)
-            .find(|&s| self.vals[s] == 0)
-            .expect("eviction freed a slot in these buckets")
+        if self.index[b0].free() != 0 {
+            b0
+        } else {
+            debug_assert!(self.index[b1].free() != 0, "eviction freed a way in these buckets");
+            b1
+        }
     }
 
+    /// Eviction order: expired flows first, then by last packet, oldest first.
+    #[inline(always)]
+    fn age(&self, fi: u32, now: u64) -> u64 {
+        let f = &self.flows[fi as usize].0;
+        if f.expires <= now {
+            0
+        } else {
+            f.last_seen.saturating_add(1)
+        }
+    }
+
+    /// Calls `f` with the slab index of each eviction candidate for a new key of hash `h`: per
+    /// bucket, [`VICTIM_SAMPLE`] flows, each the first found from a way spread evenly from a
+    /// start the hash picks. (Ways fill lowest first, so neighbouring ways tend to be of an age.)
+    #[inline(always)]
+    fn sample_victims(&self, h: u64, mut f: impl FnMut(u32)) {
+        // Starts in 0..WAYS from two hash bytes (multiply-shift rather than a division).
+        let starts = [(h >> 56) as u32, (h >> 24) as u32 & 0xff].map(|x| (x * WAYS as u32) >> 8);
+        for (b, start) in self.buckets(h).into_iter().zip(starts) {
+            let bk = &self.index[b];
+            let occ = bk.occupied();
+            if occ == 0 {
+                continue;
+            }
+            let mut from = start;
+            for _ in 0..VICTIM_SAMPLE {
+                // The first occupied way at or after `from`, wrapping round.
+                let after = occ & (ALL_WAYS << from);
+                let w = if after != 0 { after } else { occ }.trailing_zeros() as usize;
+                f(slab_index(bk.vals[w]));
+                from += WAYS as u32 / VICTIM_SAMPLE;
+                if from >= WAYS as u32 {
+                    from -= WAYS as u32;
+                }
+            }
+        }
+    }
+
+    /// The slab is full: the oldest of the flows sampled from the new key's buckets.
+    fn victim_near(&self, h: u64, now: u64) -> Option<u32> {
+        let mut best: Option<(u64, u32)> = None;
+        self.sample_victims(h, |fi| {
+            let age = self.age(fi, now);
+            if best.is_none_or(|(a, _)| age < a) {
+                best = Some((age, fi));
+            }
+        });
+        best.map(|b| b.1)
+    }
+
+    #[cold]
     fn slab_victim(&mut self, now: u64) -> u32 {
         let n = self.flows.len();
         let mut best: Option<(u64, u32)> = None;
         for _ in 0..SLAB_SCAN.min(n) {
             let i = self.hand;
             self.hand = (self.hand + 1) % n;
-            let f = &self.flows[i];
-            if !f.live {
+            if !self.flows[i].0.live {
                 continue;
             }
-            let age = if f.expires <= now { 0 } else { f.last_seen.saturating_add(1) };
+            let age = self.age(i as u32, now);
             if best.is_none_or(|(a, _)| age < a) {
                 best = Some((age, i as u32));
             }
@@ -516,7 +813,7 @@ impl Conntrack {
     }
 
     fn evict(&mut self, idx: u32, now: u64) {
-        if self.flows[idx as usize].expires <= now {
+        if self.flows[idx as usize].0.expires <= now {
             self.stats.expired += 1;
         } else {
             self.stats.evicted += 1;
@@ -526,27 +823,29 @@ impl Conntrack {
 
     /// Removes a flow (backend gone, flush, close).
     pub fn remove(&mut self, idx: u32) {
-        if self.flows.get(idx as usize).is_some_and(|f| f.live) {
+        if self.flows.get(idx as usize).is_some_and(|e| e.0.live) {
             self.remove_inner(idx);
             self.stats.removed += 1;
         }
     }
 
     fn remove_inner(&mut self, idx: u32) {
-        let f = self.flows[idx as usize];
+        let f = &mut self.flows[idx as usize].0;
         debug_assert!(f.live);
-        for (key, bit) in [(f.orig, 0), (f.reply, REPLY_BIT)] {
-            let want = (idx + 1) | bit;
-            let bs = self.buckets(self.hash(&key));
-            if let Some(s) = bs.into_iter().flat_map(|b| b..b + WAYS).find(|&s| self.vals[s] == want)
-            {
-                self.vals[s] = 0;
-            }
+        f.live = false;
+        let (slots, backend) = (f.slots, f.backend);
+        for (d, s) in slots.into_iter().enumerate() {
+            let want = (idx + 1) | if d == 1 { REPLY_BIT } else { 0 };
+            let (b, w) = ((s >> 4) as usize, (s & 0xf) as usize);
+            let bk = &mut self.index[b];
+            debug_assert_eq!(bk.vals[w], want, "a flow's recorded slot holds it");
+            // Blind stores: the line is often not in cache, and a store miss does not stall.
+            bk.vals[w] = 0;
+            bk.tags[w] = 0;
         }
-        if f.backend != 0 {
-            self.conns.dec(f.backend);
+        if backend != 0 {
+            self.conns.dec(backend);
         }
-        self.flows[idx as usize].live = false;
         self.free.push(idx);
         self.len -= 1;
     }
@@ -558,7 +857,7 @@ impl Conntrack {
         for _ in 0..budget.min(n) {
             let i = self.gc_cursor;
             self.gc_cursor = (self.gc_cursor + 1) % n;
-            let f = &self.flows[i];
+            let f = &self.flows[i].0;
             if f.live && f.expires <= now {
                 self.remove_inner(i as u32);
                 self.stats.expired += 1;
@@ -572,7 +871,7 @@ impl Conntrack {
     pub fn flush(&mut self, mut pred: impl FnMut(&Flow) -> bool) -> usize {
         let mut n = 0;
         for i in 0..self.flows.len() {
-            if self.flows[i].live && pred(&self.flows[i]) {
+            if self.flows[i].0.live && pred(&self.flows[i].0) {
                 self.remove_inner(i as u32);
                 self.stats.removed += 1;
                 n += 1;
@@ -583,7 +882,36 @@ impl Conntrack {
 
     /// Every live flow (for inspection; not for the hot path).
     pub fn iter(&self) -> impl Iterator<Item = &Flow> {
-        self.flows.iter().filter(|f| f.live)
+        self.flows.iter().map(|e| &e.0).filter(|f| f.live)
+    }
+
+    /// Checks every invariant of the index and the slab (tests only: reads the whole table).
+    #[cfg(test)]
+    fn check(&self) {
+        let mut keys = 0;
+        for b in 0..self.index.len() {
+            let bk = &self.index[b];
+            assert_eq!(bk.tags[WAYS..], [0, 0]);
+            for w in 0..WAYS {
+                let v = bk.vals[w];
+                if v == 0 {
+                    assert_eq!(bk.tags[w], 0, "an empty way has no tag");
+                    continue;
+                }
+                keys += 1;
+                let f = &self.flows[slab_index(v) as usize].0;
+                assert!(f.live, "the index points at live flows only");
+                let d = usize::from(v & REPLY_BIT != 0);
+                assert_eq!(f.slots[d], slot_pos(b, w), "the flow knows where its key is");
+                let h = self.hash(if d == 0 { &f.orig } else { &f.reply });
+                assert_eq!(bk.tags[w], tag_of(h));
+                let alt = f.alt[d] as usize;
+                assert!(self.buckets(h) == [b, alt] || self.buckets(h) == [alt, b]);
+            }
+        }
+        assert_eq!(keys, 2 * self.len, "two keys per live flow");
+        assert_eq!(self.iter().count(), self.len);
+        assert_eq!(self.free.len() + self.len, self.capacity());
     }
 }
 
@@ -714,6 +1042,88 @@ mod tests {
         }
         assert_eq!(ct.len(), 1 << 16);
         assert_eq!(ct.stats().evicted, 0);
+    }
+
+    #[test]
+    fn bucket_masks_match_a_plain_scan() {
+        let mut rng = crate::balance::FastRng::new(3);
+        for _ in 0..2000 {
+            let mut b = Bucket { vals: [0; WAYS], tags: [0; 12] };
+            for w in 0..WAYS {
+                if rng.next_u64() % 3 != 0 {
+                    b.vals[w] = (rng.next_u64() as u32 % 4).max(1) << (rng.next_u64() % 32);
+                    b.tags[w] = (rng.next_u64() as u16 % 4).max(1);
+                }
+            }
+            let tag = (rng.next_u64() as u16 % 4).max(1);
+            let (mut occ, mut hit) = (0, 0);
+            for w in 0..WAYS {
+                occ |= u32::from(b.vals[w] != 0) << w;
+                hit |= u32::from(b.tags[w] == tag) << w;
+            }
+            assert_eq!((b.occupied(), b.matching(tag), b.free()), (occ, hit, !occ & ALL_WAYS));
+        }
+    }
+
+    #[test]
+    fn full_capacity_holds_whatever_the_seed() {
+        // The hash seed differs per table: a few tables, each filled to capacity.
+        for _ in 0..4 {
+            let mut ct = table(1 << 15);
+            for n in 0..(1u32 << 15) {
+                ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, 1);
+            }
+            assert_eq!(ct.stats().evicted, 0);
+            ct.check();
+        }
+    }
+
+    #[test]
+    fn index_stays_consistent_under_churn() {
+        // A small table at full load: buckets overflow often, so keys are moved between their
+        // two buckets and flows evicted from both the index and the slab.
+        let mut ct = table(64);
+        for n in 0..3000u32 {
+            let now = u64::from(n) * S / 10;
+            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, now);
+            if n % 7 == 3 {
+                if let Some((i, _)) = ct.lookup(&key(n - 3), now) {
+                    ct.remove(i);
+                }
+            }
+            if n % 50 == 0 {
+                ct.gc(now, 16);
+            }
+            ct.check();
+            assert!(ct.lookup(&key(n), now).is_some(), "the newest flow is always there");
+        }
+        let s = ct.stats();
+        assert!(s.evicted > 0);
+        assert_eq!(s.inserted - s.evicted - s.expired - s.removed, ct.len() as u64);
+        assert_eq!(ct.conns().active(3) as usize, ct.len());
+    }
+
+    #[test]
+    fn a_full_slab_evicts_an_old_flow_near_the_new_key() {
+        let mut ct = table(1024);
+        for n in 0..1024u32 {
+            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, u64::from(n));
+        }
+        // Refresh the second half: only the first half is old.
+        for n in 512..1024u32 {
+            let (i, d) = ct.lookup(&key(n), S).unwrap();
+            ct.on_packet(i, d, tcp_flags::ACK, S);
+        }
+        for n in 0..100u32 {
+            ct.insert(Flow::new(key(5000 + n), reply(5000 + n), 1, 3, 0), 0, 2 * S);
+        }
+        assert_eq!(ct.len(), 1024);
+        assert_eq!(ct.stats().evicted, 100);
+        // A victim is the oldest of its sample: a refreshed flow goes only when every sampled
+        // flow was refreshed (about one eviction in 16 at first, with four flows sampled).
+        let refreshed_gone = (512..1024u32).filter(|&n| ct.lookup(&key(n), 2 * S).is_none());
+        assert!(refreshed_gone.count() < 15);
+        ct.check();
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //!
 //! Elements are never constructed: the memory is all zero bytes, which [`Zeroable`] types
 //! promise is a valid value.
+//!
+//! [`prefetch`] is here too: the other half of living with tables larger than the caches.
 
 use std::alloc::Layout;
 use std::ops::{Deref, DerefMut};
@@ -82,9 +84,7 @@ impl<T: Zeroable> HugeArray<T> {
         }
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(p.cast::<T>()) else {
-            std::alloc::handle_alloc_error(layout)
-        };
+        let Some(ptr) = NonNull::new(p.cast::<T>()) else { std::alloc::handle_alloc_error(layout) };
         Self { ptr, len, backing: Backing::Heap(layout) }
     }
 
@@ -134,11 +134,7 @@ impl<T: Zeroable> HugeArray<T> {
             // reference to it exists yet.
             unsafe { base.add(off).write_volatile(0) };
         }
-        Some(Self {
-            ptr: NonNull::new(base.cast::<T>())?,
-            len,
-            backing: Backing::Mmap(size),
-        })
+        Some(Self { ptr: NonNull::new(base.cast::<T>())?, len, backing: Backing::Mmap(size) })
     }
 }
 
@@ -180,6 +176,20 @@ impl<T: Zeroable> Drop for HugeArray<T> {
             }
         }
     }
+}
+
+/// A hint that the cache line holding `p` will be read soon (`prefetcht0`; nothing on other
+/// architectures). Never faults, whatever the address.
+#[inline(always)]
+pub fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint with no architectural effect; it does not fault, whatever
+    // the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ use crate::balance::{ConnCounts, FastRng, PickKey};
 use crate::conntrack::{Conntrack, Dir, Flow, FlowKey, Timeouts};
 use crate::counters::{Counters, DropReason, PassReason};
 use crate::frag::FragTable;
+use crate::mem::prefetch;
 use crate::tables::{Frontend, FrontendKey, ServicePort, Tables};
 use crate::wire::{
     self, csum_fold, csum_partial, csum_replace2, ip, rd16, rd32, tcp_flags, wr16, wr32, Offsets,
@@ -156,8 +157,23 @@ impl WorkerState {
     }
 }
 
+/// Frames handled per pass: per-frame state for one chunk lives on the stack.
+const CHUNK: usize = 64;
+
 /// Processes a batch: `verdicts[i]` is set for `frames[i]` (both must be the same length; extra
 /// entries of the longer one are ignored). `now` is a monotonic clock in nanoseconds.
+///
+/// The work is done in passes over each chunk of up to 64 frames, as VPP and DPDK do, so that
+/// the cache misses of the whole chunk overlap instead of being paid one after the other:
+/// 1. parse each frame, hash its 5-tuple and prefetch the key's two conntrack index lines;
+/// 2. read the tags in those lines and prefetch the flow records they point at; a key with no
+///    matching tag is not in conntrack (most likely a new flow): look its frontend up now and
+///    prefetch the service port it leads to, then (2b) that service's candidate and backend
+///    arrays;
+/// 3. process each frame in order, reusing the parse, the hash and the frontend.
+///
+/// The early passes read the frames and the tables but change nothing (and the tables do not
+/// change during a batch), so the result is the same as processing the frames one by one.
 pub fn process_batch(
     frames: &mut [Frame<'_>],
     verdicts: &mut [Verdict],
@@ -165,9 +181,69 @@ pub fn process_batch(
     w: &mut WorkerState,
     now: u64,
 ) {
-    for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+    let n = frames.len().min(verdicts.len());
+    for (f, v) in frames[..n].chunks_mut(CHUNK).zip(verdicts[..n].chunks_mut(CHUNK)) {
+        process_chunk(f, v, tables, w, now);
+    }
+}
+
+/// What the early passes learnt about a frame.
+#[derive(Clone, Copy)]
+struct Pre {
+    parsed: Parsed,
+    /// The frame's 5-tuple and its conntrack hash, for TCP and UDP with an L4 header.
+    key: Option<(FlowKey, u64)>,
+    /// The frontend lookup of the tuple, when pass 2 did it.
+    fe: Option<Option<Frontend>>,
+}
+
+#[inline]
+fn process_chunk(
+    frames: &mut [Frame<'_>],
+    verdicts: &mut [Verdict],
+    tables: &Tables,
+    w: &mut WorkerState,
+    now: u64,
+) {
+    debug_assert!(frames.len() <= CHUNK && frames.len() == verdicts.len());
+    let mut pre = [Pre { parsed: Parsed::EthTruncated, key: None, fe: None }; CHUNK];
+    for (f, p) in frames.iter_mut().zip(pre.iter_mut()) {
+        let len = f.len.min(f.buf.len());
+        f.len = len;
+        p.parsed = wire::parse(&f.buf[..len]);
+        if let Parsed::Ipv4(o) = &p.parsed {
+            if o.has_l4 && (o.proto == IPPROTO_TCP || o.proto == IPPROTO_UDP) {
+                let key = tuple(f.buf, o);
+                let h = w.ct.hash(&key);
+                w.ct.prefetch_buckets(h);
+                p.key = Some((key, h));
+            }
+        }
+    }
+    let mut new_flows = false;
+    for p in &mut pre[..frames.len()] {
+        if let Some((key, h)) = p.key {
+            if !w.ct.prefetch_flow(h) {
+                let fe = tables.frontend(&frontend_key(&key)).copied();
+                if let Some(svc) = fe.and_then(|fe| tables.service_arc(fe.service)) {
+                    prefetch_bytes(Arc::as_ptr(svc), std::mem::size_of::<ServicePort>());
+                    new_flows = true;
+                }
+                p.fe = Some(fe);
+            }
+        }
+    }
+    if new_flows {
+        for p in &pre[..frames.len()] {
+            if let Some(svc) = p.fe.flatten().and_then(|fe| tables.service(fe.service)) {
+                prefetch_bytes(svc.candidates().as_ptr(), size_of_val(svc.candidates()));
+                prefetch_bytes(svc.backends().as_ptr(), size_of_val(svc.backends()));
+            }
+        }
+    }
+    for ((f, v), p) in frames.iter_mut().zip(verdicts.iter_mut()).zip(pre.iter()) {
         w.counters.rx += 1;
-        let verdict = process_one(f, tables, w, now);
+        let verdict = process_one(f, p, tables, w, now);
         match verdict {
             Verdict::Tx { .. } => w.counters.tx += 1,
             Verdict::Pass(r) => w.counters.passed(r),
@@ -177,11 +253,10 @@ pub fn process_batch(
     }
 }
 
+/// One frame, parsed in pass 1 (`f.len` is already clamped to the buffer).
 #[inline]
-fn process_one(f: &mut Frame<'_>, t: &Tables, w: &mut WorkerState, now: u64) -> Verdict {
-    let len = f.len.min(f.buf.len());
-    f.len = len;
-    let o = match wire::parse(&f.buf[..len]) {
+fn process_one(f: &mut Frame<'_>, p: &Pre, t: &Tables, w: &mut WorkerState, now: u64) -> Verdict {
+    let o = match p.parsed {
         Parsed::Ipv4(o) => o,
         Parsed::Arp => return Verdict::Pass(PassReason::Arp),
         Parsed::Ipv6 => return Verdict::Pass(PassReason::Ipv6),
@@ -196,10 +271,10 @@ fn process_one(f: &mut Frame<'_>, t: &Tables, w: &mut WorkerState, now: u64) -> 
     if ip::ttl(f.buf, o.l3) <= 1 {
         return Verdict::Pass(PassReason::TtlExpired);
     }
-    match o.proto {
-        IPPROTO_TCP | IPPROTO_UDP if o.has_l4 => l4(f, &o, t, w, now),
-        IPPROTO_TCP | IPPROTO_UDP => later_fragment(f, &o, t, w, now),
-        IPPROTO_ICMP if !o.fragment => icmp(f, &o, t, w, now),
+    match (o.proto, p.key) {
+        (IPPROTO_TCP | IPPROTO_UDP, Some((key, h))) => l4(f, &o, t, w, now, key, h, p.fe),
+        (IPPROTO_TCP | IPPROTO_UDP, None) => later_fragment(f, &o, t, w, now),
+        (IPPROTO_ICMP, _) if !o.fragment => icmp(f, &o, t, w, now),
         _ => {
             let dst = ip::dst(f.buf, o.l3);
             if t.is_vip(dst) {
@@ -223,20 +298,49 @@ fn tuple(b: &[u8], o: &Offsets) -> FlowKey {
     }
 }
 
+/// Prefetches the lines of `len` bytes from `p`, at most 1 KiB.
+#[inline(always)]
+fn prefetch_bytes<T>(p: *const T, len: usize) {
+    let p = p.cast::<u8>();
+    for off in (0..len.min(1024)).step_by(64) {
+        prefetch(p.wrapping_add(off));
+    }
+    if len > 0 {
+        // The last line, when `p` is not line-aligned.
+        prefetch(p.wrapping_add(len.min(1024) - 1));
+    }
+}
+
+/// The frontend key a tuple would match.
+#[inline(always)]
+fn frontend_key(key: &FlowKey) -> FrontendKey {
+    FrontendKey { ip: key.dst, port: key.dport, proto: key.proto }
+}
+
+/// A TCP or UDP datagram with its L4 header; `key` is its tuple, `h` the tuple's conntrack hash,
+/// `fe` its frontend if already looked up.
+#[allow(clippy::too_many_arguments)]
 #[inline]
-fn l4(f: &mut Frame<'_>, o: &Offsets, t: &Tables, w: &mut WorkerState, now: u64) -> Verdict {
-    let key = tuple(f.buf, o);
+fn l4(
+    f: &mut Frame<'_>,
+    o: &Offsets,
+    t: &Tables,
+    w: &mut WorkerState,
+    now: u64,
+    key: FlowKey,
+    h: u64,
+    fe: Option<Option<Frontend>>,
+) -> Verdict {
     if o.fragment {
         let id = ip::id(f.buf, o.l3);
         w.frags.insert(key.src, key.dst, id, key.proto, (key.sport, key.dport), now);
     }
     let flags = if o.proto == IPPROTO_TCP { f.buf[o.l4 + 13] } else { 0 };
-    let h = w.ct.hash(&key);
     if let Some((idx, dir)) = w.ct.lookup_hashed(&key, h, now) {
         return known_flow(f, o, t, w, now, key, h, idx, dir, flags);
     }
-    if let Some(fe) = t.frontend(&FrontendKey { ip: key.dst, port: key.dport, proto: key.proto }) {
-        return new_flow(f, o, t, w, now, key, h, *fe, flags);
+    if let Some(fe) = fe.unwrap_or_else(|| t.frontend(&frontend_key(&key)).copied()) {
+        return new_flow(f, o, t, w, now, key, h, fe, flags);
     }
     if t.is_vip(key.dst) {
         return Verdict::Drop(DropReason::VipNoPort);
@@ -349,28 +453,32 @@ fn new_flow(
         let Some(sip) = t.snat_ip() else {
             // Without an address to masquerade to, send it unmasqueraded (as before SNAT was
             // configured): the kernel path would behave the same.
-            return finish_new(f, o, t, w, now, key, reply, svc, cand.id, flags);
+            return finish_new(f, o, t, w, now, key, h, reply, None, svc, cand.id, flags);
         };
         reply.dst = u32::from(sip);
-        let Some(port) = snat_port(w, &reply, h, now) else {
+        let Some((port, hr)) = snat_port(w, &reply, h, now) else {
             return Verdict::Drop(DropReason::SnatExhausted);
         };
         reply.dport = port;
         w.counters.snat_flows += 1;
-    } else if w.ct.contains(&reply, now) {
+        return finish_new(f, o, t, w, now, key, h, reply, Some(hr), svc, cand.id, flags);
+    }
+    let hr = w.ct.hash(&reply);
+    if w.ct.lookup_hashed(&reply, hr, now).is_some() {
         // The backend already talks to this client from this very tuple (a direct
         // connection): translate this one through a source port of our own.
         let Some(sip) = t.snat_ip() else {
             return Verdict::Drop(DropReason::SnatExhausted);
         };
         reply.dst = u32::from(sip);
-        let Some(port) = snat_port(w, &reply, h, now) else {
+        let Some((port, hr)) = snat_port(w, &reply, h, now) else {
             return Verdict::Drop(DropReason::SnatExhausted);
         };
         reply.dport = port;
         w.counters.snat_flows += 1;
+        return finish_new(f, o, t, w, now, key, h, reply, Some(hr), svc, cand.id, flags);
     }
-    finish_new(f, o, t, w, now, key, reply, svc, cand.id, flags)
+    finish_new(f, o, t, w, now, key, h, reply, Some(hr), svc, cand.id, flags)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -382,7 +490,9 @@ fn finish_new(
     w: &mut WorkerState,
     now: u64,
     key: FlowKey,
+    h: u64,
     reply: FlowKey,
+    h_reply: Option<u64>,
     svc: &ServicePort,
     backend: u32,
     flags: u8,
@@ -390,7 +500,9 @@ fn finish_new(
     if let Some(timeout) = svc.spec().affinity_timeout_s {
         w.affinity.insert(svc.id(), key.src, backend, now + u64::from(timeout) * NS, now);
     }
-    w.ct.insert(Flow::new(key, reply, svc.id(), backend, t.generation()), flags, now);
+    let h_reply = h_reply.unwrap_or_else(|| w.ct.hash(&reply));
+    let flow = Flow::new(key, reply, svc.id(), backend, t.generation());
+    w.ct.insert_hashed(flow, h, h_reply, flags, now);
     w.counters.nat_new += 1;
     wire::rewrite_tuple(
         f.buf,
@@ -425,8 +537,9 @@ fn choose(svc: &ServicePort, key: &FlowKey, h: u64, w: &mut WorkerState, now: u6
 }
 
 /// A free source-NAT port for `reply` (whose `dst` is the SNAT address), from this worker's
-/// share of the range, so workers never hand out the same port.
-fn snat_port(w: &mut WorkerState, reply: &FlowKey, h: u64, now: u64) -> Option<u16> {
+/// share of the range, so workers never hand out the same port; with the conntrack hash of the
+/// reply key using it.
+fn snat_port(w: &mut WorkerState, reply: &FlowKey, h: u64, now: u64) -> Option<(u16, u64)> {
     let n = u32::from(w.workers);
     let span = (u32::from(SNAT_PORT_MAX) - u32::from(SNAT_PORT_MIN) + 1) / n;
     let start = (h >> 16) as u32 % span;
@@ -434,8 +547,9 @@ fn snat_port(w: &mut WorkerState, reply: &FlowKey, h: u64, now: u64) -> Option<u
         let slot = (start + i) % span;
         let port = (u32::from(SNAT_PORT_MIN) + slot * n + u32::from(w.worker_id)) as u16;
         let k = FlowKey { dport: port, ..*reply };
-        if !w.ct.contains(&k, now) {
-            return Some(port);
+        let hk = w.ct.hash(&k);
+        if w.ct.lookup_hashed(&k, hk, now).is_none() {
+            return Some((port, hk));
         }
     }
     None
@@ -718,4 +832,121 @@ fn icmp_error(
     wr16(b, l4 + 2, c);
     w.counters.icmp_errors_translated += 1;
     forward(f, o, t, new_dst)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use etherparse::PacketBuilder;
+
+    use super::*;
+    use crate::balance::Algorithm;
+    use crate::tables::{
+        Backend, FrontendKind, NextHop, Protocol, Routes, ServiceSpec, DEFAULT_MAGLEV_SIZE,
+    };
+
+    const VIP: u32 = 0x0a60_0000;
+    const BACKEND: u32 = 0x0a80_0000;
+    const CLIENT: u32 = 0xac10_0000;
+
+    /// Services 1..=3 on 10.96.0.i:53/UDP, each with one backend 10.128.0.i:5353.
+    fn tables() -> Tables {
+        let mut b = Tables::builder(1);
+        let mut routes = Routes::default();
+        let hop =
+            |ifindex| NextHop { ifindex, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 0, 2] };
+        routes.add_prefix(Ipv4Addr::from(BACKEND), 16, hop(3));
+        routes.add_prefix(Ipv4Addr::from(CLIENT), 16, hop(2));
+        for i in 1..=3u32 {
+            let spec = ServiceSpec {
+                id: i,
+                name: format!("t/svc-{i}:dns"),
+                proto: Protocol::Udp,
+                algorithm: Algorithm::Random,
+                affinity_timeout_s: None,
+                maglev_size: DEFAULT_MAGLEV_SIZE,
+            };
+            let backends = vec![Backend::ready(i, Ipv4Addr::from(BACKEND + i), 5353)];
+            b.upsert_service(Arc::new(ServicePort::new(spec, backends))).unwrap();
+            let fe =
+                Frontend { service: i, kind: FrontendKind::ClusterIp, masquerade_remote: false };
+            b.upsert_frontend(FrontendKey::new(Ipv4Addr::from(VIP + i), 53, Protocol::Udp), fe)
+                .unwrap();
+        }
+        b.routes(routes).build()
+    }
+
+    fn udp(src: u32, sport: u16, dst: u32, dport: u16) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 1])
+            .ipv4(Ipv4Addr::from(src).octets(), Ipv4Addr::from(dst).octets(), 64)
+            .udp(sport, dport);
+        let mut out = Vec::with_capacity(b.size(4));
+        b.write(&mut out, b"ping").unwrap();
+        out
+    }
+
+    fn worker(capacity: usize) -> WorkerState {
+        let cfg = WorkerConfig { conntrack_capacity: capacity, ..WorkerConfig::default() };
+        WorkerState::new(&cfg, &Shared::new(16, 16))
+    }
+
+    fn run(
+        pkts: &[Vec<u8>],
+        batch: usize,
+        w: &mut WorkerState,
+        t: &Tables,
+    ) -> Vec<(Verdict, Vec<u8>)> {
+        let mut out = Vec::new();
+        for chunk in pkts.chunks(batch) {
+            let mut bufs: Vec<Vec<u8>> = chunk
+                .iter()
+                .map(|p| {
+                    let mut b = p.clone();
+                    b.resize(2048, 0);
+                    b
+                })
+                .collect();
+            let mut frames: Vec<Frame<'_>> = bufs
+                .iter_mut()
+                .zip(chunk)
+                .map(|(b, p)| Frame { buf: b, len: p.len(), ifindex: 2 })
+                .collect();
+            let mut v = vec![Verdict::Drop(DropReason::NoRoom); frames.len()];
+            process_batch(&mut frames, &mut v, t, w, 1);
+            let lens: Vec<usize> = frames.iter().map(|f| f.len).collect();
+            for ((v, b), len) in v.into_iter().zip(&bufs).zip(lens) {
+                out.push((v, b[..len].to_vec()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_batch_gives_what_frames_one_by_one_give() {
+        // New flows, their repeats and their replies within one batch, plain traffic, junk; 150
+        // frames, so more than one chunk. A small table, so new flows also evict.
+        let mut pkts = Vec::new();
+        for n in 0..150u32 {
+            // A reply (n % 6 == 3) answers the packet just before it.
+            let m = if n % 6 == 3 { n - 1 } else { n };
+            let (c, s) = (CLIENT + 1 + m % 7, 1 + m % 3);
+            let sport = 1000 + (m % 40) as u16;
+            pkts.push(match n % 6 {
+                0..=2 => udp(c, sport, VIP + s, 53),
+                3 => udp(BACKEND + s, 5353, c, sport),
+                4 => udp(c, sport, BACKEND + 9, 80),
+                _ => b"junk".to_vec(),
+            });
+        }
+        let t = tables();
+        let (mut one, mut all) = (worker(16), worker(16));
+        let expected = run(&pkts, 1, &mut one, &t);
+        let got = run(&pkts, pkts.len(), &mut all, &t);
+        assert_eq!(got, expected);
+        assert!(expected.iter().any(|(v, _)| *v == Verdict::Tx { ifindex: 3 }));
+        assert!(expected.iter().any(|(v, _)| *v == Verdict::Tx { ifindex: 2 }));
+        assert!(all.ct.stats().evicted > 0);
+        assert_eq!(format!("{:?}", one.counters), format!("{:?}", all.counters));
+    }
 }
