@@ -119,6 +119,8 @@ pub struct Counters {
     pub udp_rebalanced: u64,
     /// Flows source-NATed (masquerade or hairpin).
     pub snat_flows: u64,
+    /// Frames handed to the worker that owns their flow.
+    pub handed_off: u64,
 }
 
 impl Counters {
@@ -169,5 +171,6 @@ impl Counters {
         self.fragments_translated += o.fragments_translated;
         self.udp_rebalanced += o.udp_rebalanced;
         self.snat_flows += o.snat_flows;
+        self.handed_off += o.handed_off;
     }
 }

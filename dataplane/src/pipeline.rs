@@ -72,6 +72,11 @@ pub enum Verdict {
     Pass(PassReason),
     /// Drop it.
     Drop(DropReason),
+    /// The flow belongs to another worker: give it the frame, untouched (see [`owner_of`]).
+    Handoff {
+        /// The owning worker's index.
+        worker: u16,
+    },
 }
 
 /// Sizes and settings of a worker.
@@ -135,6 +140,9 @@ pub struct WorkerState {
     rng: FastRng,
     worker_id: u16,
     workers: u16,
+    /// Set while processing frames another worker handed over: they are this worker's, so
+    /// they are never handed on again.
+    pub local_only: bool,
 }
 
 impl WorkerState {
@@ -149,7 +157,12 @@ impl WorkerState {
             rng: FastRng::new(cfg.seed ^ (u64::from(cfg.worker_id) << 32)),
             worker_id: cfg.worker_id,
             workers: cfg.workers.max(1),
+            local_only: false,
         }
+    }
+    /// This worker's index.
+    pub fn worker_id(&self) -> u16 {
+        self.worker_id
     }
     /// The shared affinity table.
     pub fn affinity(&self) -> &AffinityTable {
@@ -248,6 +261,7 @@ fn process_chunk(
             Verdict::Tx { .. } => w.counters.tx += 1,
             Verdict::Pass(r) => w.counters.passed(r),
             Verdict::Drop(r) => w.counters.dropped(r),
+            Verdict::Handoff { .. } => w.counters.handed_off += 1,
         }
         *v = verdict;
     }
@@ -339,7 +353,20 @@ fn l4(
     if let Some((idx, dir)) = w.ct.lookup_hashed(&key, h, now) {
         return known_flow(f, o, t, w, now, key, h, idx, dir, flags);
     }
-    if let Some(fe) = fe.unwrap_or_else(|| t.frontend(&frontend_key(&key)).copied()) {
+    let fe = fe.unwrap_or_else(|| t.frontend(&frontend_key(&key)).copied());
+    if w.workers > 1 && !w.local_only {
+        // Not in this worker's table: the flow (or the new flow this packet starts) belongs
+        // to the worker that owns its client side. A packet to a frontend is client to
+        // service (client = source); anything else may be a reply (client = destination).
+        let owner = match fe {
+            Some(_) => owner_of(t, key.src, key.sport, w.workers),
+            None => owner_of(t, key.dst, key.dport, w.workers),
+        };
+        if owner != w.worker_id {
+            return Verdict::Handoff { worker: owner };
+        }
+    }
+    if let Some(fe) = fe {
         return new_flow(f, o, t, w, now, key, h, fe, flags);
     }
     if t.is_vip(key.dst) {
@@ -534,6 +561,28 @@ fn choose(svc: &ServicePort, key: &FlowKey, h: u64, w: &mut WorkerState, now: u6
     }
     let pk = PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: h };
     svc.scheduler().pick(svc.candidates(), &pk, &w.conns, &mut w.rng)
+}
+
+/// The worker that owns flows whose client side is `ip:port`, out of `workers`.
+///
+/// Receive-side scaling spreads a connection's two directions over different queues, so over
+/// different workers, and conntrack is per worker. Every flow therefore has one owner, fixed by
+/// its client side, which both directions carry: the source of a client's packets, the
+/// destination of the replies. With source NAT the replies' destination is the node address and
+/// a port from the owner's share of the range ([`snat_port`]), so the owner is read back from
+/// the port. A worker that misses in its own table hands the frame to the owner
+/// ([`Verdict::Handoff`]), as VPP's NAT hands off between threads.
+#[inline]
+pub fn owner_of(t: &Tables, ip: u32, port: u16, workers: u16) -> u16 {
+    let n = u32::from(workers.max(1));
+    if n == 1 {
+        return 0;
+    }
+    if t.snat_ip().is_some_and(|s| u32::from(s) == ip) && port >= SNAT_PORT_MIN {
+        return ((u32::from(port - SNAT_PORT_MIN)) % n) as u16;
+    }
+    let x = ((u64::from(ip) << 16) | u64::from(port)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((x >> 32) % u64::from(n)) as u16
 }
 
 /// A free source-NAT port for `reply` (whose `dst` is the SNAT address), from this worker's

@@ -308,3 +308,63 @@ fn random_spreads_new_flows_over_backends() {
         assert!((1800..2200).contains(&n), "backend {b}: {n} of 6000");
     }
 }
+
+#[test]
+fn flows_are_owned_by_one_worker_whichever_worker_receives_them() {
+    use dataplane::pipeline::{owner_of, Shared, WorkerConfig, WorkerState};
+    let t = tables();
+    let shared = Shared::new(1024, 1024);
+    let mut workers: Vec<WorkerState> = (0..2u16)
+        .map(|id| {
+            let cfg = WorkerConfig {
+                worker_id: id,
+                workers: 2,
+                conntrack_capacity: 1024,
+                ..WorkerConfig::default()
+            };
+            WorkerState::new(&cfg, &shared)
+        })
+        .collect();
+    // Deliver a frame to worker `at`, following hand-offs as the I/O loop does.
+    let deliver = |ws: &mut Vec<WorkerState>, at: usize, ifindex: u32, pkt: &[u8]| {
+        let (v, out) = run(&t, &mut ws[at], ifindex, pkt, 0);
+        match v {
+            Verdict::Handoff { worker } => {
+                assert_ne!(usize::from(worker), at);
+                assert_eq!(out, pkt, "a handed-off frame is untouched");
+                ws[usize::from(worker)].local_only = true;
+                let r = run(&t, &mut ws[usize::from(worker)], ifindex, pkt, 0);
+                ws[usize::from(worker)].local_only = false;
+                (usize::from(worker), r.0, r.1)
+            }
+            v => (at, v, out),
+        }
+    };
+    let mut crossed = 0;
+    for port in 50000..50040u16 {
+        let owner = usize::from(owner_of(&t, u32::from(ip(CLIENT)), port, 2));
+        // The request arrives at one worker, the reply at the other.
+        let req = udp(FROM_CLIENT, CLIENT, port, DNS_VIP, 53, 64, b"q");
+        let (w1, v, out) = deliver(&mut workers, usize::from(port % 2 == 0), IF_CLIENT, &req);
+        assert_eq!((w1, v), (owner, Verdict::Tx { ifindex: IF_BACKENDS }));
+        let (s, sp, d, dp) = tuple(&out);
+        let resp = udp(FROM_BACKENDS, d, dp, s, sp, 64, b"a");
+        let (w2, v, back) = deliver(&mut workers, usize::from(port % 2 == 1), IF_BACKENDS, &resp);
+        assert_eq!((w2, v), (owner, Verdict::Tx { ifindex: IF_CLIENT }));
+        assert_eq!(tuple(&back), (DNS_VIP, 53, CLIENT, port), "reply translated by the owner");
+        crossed += 1;
+    }
+    assert_eq!(crossed, 40);
+    let handed: u64 = workers.iter().map(|w| w.counters.handed_off).sum();
+    assert_eq!(handed, 40, "each flow crossed workers exactly once per direction pair");
+    // Masqueraded flows: the reply's destination port tells the owner.
+    let syn = tcp(FROM_UPLINK, EXTERNAL, 7000, NODE_IP, NP_PORT, 64, "S", 1, 0, b"");
+    let (owner, v, out) = deliver(&mut workers, 0, IF_UPLINK, &syn);
+    assert_eq!(v, Verdict::Tx { ifindex: IF_BACKENDS });
+    let (s, sp, d, dp) = tuple(&out);
+    assert_eq!(usize::from(owner_of(&t, u32::from(ip(s)), sp, 2)), owner);
+    let reply = tcp(FROM_BACKENDS, d, dp, s, sp, 64, "SA", 1, 2, b"");
+    let (w, v, back) = deliver(&mut workers, 1 - owner, IF_BACKENDS, &reply);
+    assert_eq!((w, v), (owner, Verdict::Tx { ifindex: IF_UPLINK }));
+    assert_eq!(tuple(&back), (NODE_IP, NP_PORT, EXTERNAL, 7000));
+}

@@ -186,3 +186,56 @@ fn raw_mode_forwards_frames_unchanged() {
     );
     assert!(dp.stop());
 }
+
+#[test]
+fn two_workers_keep_flows_whose_directions_cross_workers() {
+    if !is_root() {
+        eprintln!("skipped: needs root, network namespaces and BPF");
+        return;
+    }
+    let pods: Vec<Ipv4Addr> = DEMO_PODS.iter().map(|a| Ipv4Addr::from(*a)).collect();
+    let topo = Topology::build("e2w", &pods).expect("topology");
+    topo.resolve_neighbours().unwrap();
+    let (client, backends) = topo.pods.split_first().unwrap();
+    let mut servers = Vec::new();
+    for b in backends {
+        if b.ip.octets()[3] / 10 == 2 {
+            servers.push(udp_echo(b, 5353).unwrap());
+        } else {
+            servers.push(http_server(b, 8080).unwrap());
+        }
+    }
+    // Two workers: the veths are split between them, so a flow's request and reply are
+    // received by different workers.
+    let (cfg, socket) = write_node_config(&topo, &[0, 1]).unwrap();
+    let stats = topo.dir.join("stats.json");
+    let bin = binary("kxdp-dataplane");
+    let mut dp = Proc::start(
+        &topo.node,
+        &[bin.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--stats-file", stats.to_str().unwrap(), "--stats-interval", "200ms"],
+        &topo.dir.join("dataplane.log"),
+    )
+    .unwrap();
+    assert!(wait_for(Duration::from_secs(20), || socket.exists() && read_stats(&stats).is_some()), "{}", dp.log());
+    assert_eq!(read_stats(&stats).unwrap()["workers"].as_array().unwrap().len(), 2);
+    push_snapshot(&socket, 1, demo_ports()).unwrap();
+    let echo: SocketAddr = "10.96.0.20:5353".parse().unwrap();
+    let replies = udp_requests(client, echo, 100).unwrap();
+    assert!(replies.len() >= 95, "UDP replies: {} of 100\n{}", replies.len(), dp.log());
+    assert!(replies.iter().all(|(from, _)| *from == echo));
+    for _ in 0..20 {
+        curl(client, "http://10.96.0.10/").unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
+    }
+    let mut sticky = std::collections::HashSet::new();
+    for _ in 0..10 {
+        sticky.insert(curl(client, "http://10.96.0.30/").unwrap().trim().to_string());
+    }
+    assert_eq!(sticky.len(), 1, "affinity holds across workers: {sticky:?}");
+    assert!(
+        wait_for(Duration::from_secs(3), || read_stats(&stats)
+            .is_some_and(|r| r["totals"]["handed_off"].as_u64().unwrap_or(0) > 0)),
+        "flows crossed workers: {:?}",
+        read_stats(&stats)
+    );
+    assert!(dp.stop());
+}

@@ -259,7 +259,7 @@ impl Dataplane {
 
         // Workers.
         let shared = Shared::new(1 << 20, 1 << 16);
-        let handoff = Arc::new(Handoff::new(&managed, 1024, 4096));
+        let handoff = Arc::new(Handoff::new(&managed, nworkers, 1024, 8192));
         let raw_map: HashMap<u32, u32> = cfg
             .interfaces
             .iter()
@@ -269,18 +269,22 @@ impl Dataplane {
             })
             .collect();
         let stop = Arc::new(AtomicBool::new(false));
-        // A worker with no queue planned for it has nothing to poll: it is not started.
-        let busy = per_worker.iter().filter(|p| !p.is_empty()).count();
+        // A worker with no queue planned for it has nothing to poll: it is not started, and
+        // the running ones are numbered densely (flow ownership is computed over them).
+        let running: Vec<(usize, Vec<Port>)> = per_worker
+            .into_iter()
+            .enumerate()
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(i, p)| (cores[i], p))
+            .collect();
+        let busy = running.len();
         let ready = Arc::new(std::sync::Barrier::new(busy + 1));
         let mut threads = Vec::new();
         let mut stats = Vec::new();
-        for (id, ports) in per_worker.into_iter().enumerate() {
-            if ports.is_empty() {
-                continue;
-            }
+        for (id, (core, ports)) in running.into_iter().enumerate() {
             let wcfg = WorkerConfig {
                 worker_id: id as u16,
-                workers: nworkers as u16,
+                workers: busy as u16,
                 conntrack_capacity: cfg.conntrack.capacity,
                 timeouts: cfg.conntrack.timeouts,
                 ..WorkerConfig::default()
@@ -289,7 +293,7 @@ impl Dataplane {
             stats.push(st.clone());
             let w = Worker {
                 id,
-                core: Some(cores[id]),
+                core: Some(core),
                 ports,
                 state: WorkerState::new(&wcfg, &shared),
                 live: live.clone(),

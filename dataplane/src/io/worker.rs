@@ -34,28 +34,50 @@ const _: () = assert!(BATCH.is_power_of_two());
 /// Conntrack slab entries swept per round.
 const GC_BUDGET: usize = 64;
 
-/// A frame handed from one worker to the worker owning its egress interface.
+/// A frame handed from one worker to another.
 pub struct Handed {
     len: usize,
+    ifindex: u32,
     data: Box<[u8; 2048]>,
 }
 
-/// Inboxes of every interface, by ifindex, and the pool of hand-off buffers.
+/// Cross-worker queues and the pool of hand-off buffers.
+///
+/// Two kinds of hand-off: a frame to *transmit* goes to the inbox of its egress interface
+/// (drained by a worker owning a socket there); a frame to *process* goes to the inbox of the
+/// worker that owns its flow ([`crate::pipeline::owner_of`]), which runs the pipeline on it.
 pub struct Handoff {
     inboxes: HashMap<u32, ArrayQueue<Handed>>,
+    process: Vec<ArrayQueue<Handed>>,
     pool: ArrayQueue<Box<[u8; 2048]>>,
 }
 
 impl Handoff {
-    /// Inboxes for `ifindexes`, each holding up to `depth` frames, and a pool of `buffers`.
-    pub fn new(ifindexes: &[u32], depth: usize, buffers: usize) -> Self {
+    /// Transmit inboxes for `ifindexes` and process inboxes for `workers`, each holding up to
+    /// `depth` frames, and a pool of `buffers`.
+    pub fn new(ifindexes: &[u32], workers: usize, depth: usize, buffers: usize) -> Self {
         let pool = ArrayQueue::new(buffers.max(1));
         for _ in 0..buffers {
             let _ = pool.push(Box::new([0u8; 2048]));
         }
         Self {
             inboxes: ifindexes.iter().map(|&i| (i, ArrayQueue::new(depth.max(1)))).collect(),
+            process: (0..workers).map(|_| ArrayQueue::new(depth.max(1))).collect(),
             pool,
+        }
+    }
+
+    /// Copies `data` into a pooled buffer and queues it; false when the pool or queue is full.
+    fn push(&self, q: &ArrayQueue<Handed>, data: &[u8], ifindex: u32) -> bool {
+        let Some(mut buf) = self.pool.pop() else { return false };
+        let n = data.len().min(buf.len());
+        buf[..n].copy_from_slice(&data[..n]);
+        match q.push(Handed { len: n, ifindex, data: buf }) {
+            Ok(()) => true,
+            Err(h) => {
+                let _ = self.pool.push(h.data);
+                false
+            }
         }
     }
 }
@@ -192,6 +214,7 @@ impl Worker {
                     self.dispatch(pi, rx[k], verdicts[k], lens[k], &local);
                 }
             }
+            self.process_handed(now, &tables, &local);
             for p in self.ports.iter_mut() {
                 p.flush_tx();
             }
@@ -238,28 +261,35 @@ impl Worker {
                 self.stats.transmitted.fetch_add(1, Ordering::Relaxed);
                 self.ports[pi].queue_tx(desc, len);
             }
-            Verdict::Tx { ifindex } => {
+            verdict => {
                 // SAFETY: the frame is still owned by userspace (received, not yet recycled).
                 let data = unsafe { self.ports[pi].room(&desc) };
-                let data = &data[..len.min(data.len())];
+                let ingress = self.ports[pi].ifindex;
+                self.dispatch_bytes(&data[..len.min(data.len())], ingress, verdict, local);
+                self.ports[pi].recycle(desc);
+            }
+        }
+    }
+
+    /// Acts on a verdict for a frame that is not (or no longer) in a socket's own UMEM slot.
+    #[inline]
+    fn dispatch_bytes(
+        &mut self,
+        data: &[u8],
+        ingress: u32,
+        verdict: Verdict,
+        local: &HashMap<u32, usize>,
+    ) {
+        match verdict {
+            Verdict::Tx { ifindex } => {
                 let ok = if let Some(&qi) = local.get(&ifindex) {
                     self.ports[qi].queue_copy(data)
                 } else if let Some(inbox) = self.handoff.inboxes.get(&ifindex) {
-                    match self.handoff.pool.pop() {
-                        Some(mut buf) => {
-                            buf[..data.len()].copy_from_slice(data);
-                            let ok = inbox.push(Handed { len: data.len(), data: buf }).map_err(
-                                |h| {
-                                    let _ = self.handoff.pool.push(h.data);
-                                },
-                            );
-                            if ok.is_ok() {
-                                self.stats.handed_off.fetch_add(1, Ordering::Relaxed);
-                            }
-                            ok.is_ok()
-                        }
-                        None => false,
+                    let ok = self.handoff.push(inbox, data, ifindex);
+                    if ok {
+                        self.stats.handed_off.fetch_add(1, Ordering::Relaxed);
                     }
+                    ok
                 } else {
                     false
                 };
@@ -268,20 +298,70 @@ impl Worker {
                 } else {
                     self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
                 }
-                self.ports[pi].recycle(desc);
             }
             Verdict::Pass(_) => {
-                // SAFETY: as above.
-                let data = unsafe { self.ports[pi].room(&desc) };
-                let sent = self.punt.as_ref().is_some_and(|p| p.send(&data[..len.min(data.len())]));
-                if sent {
+                if self.punt.as_ref().is_some_and(|p| p.send(data)) {
                     self.stats.punted.fetch_add(1, Ordering::Relaxed);
                 } else {
                     self.stats.punt_failed.fetch_add(1, Ordering::Relaxed);
                 }
-                self.ports[pi].recycle(desc);
             }
-            Verdict::Drop(_) => self.ports[pi].recycle(desc),
+            Verdict::Handoff { worker } => {
+                let ok = self
+                    .handoff
+                    .process
+                    .get(usize::from(worker))
+                    .is_some_and(|q| self.handoff.push(q, data, ingress));
+                if ok {
+                    self.stats.handed_off.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Verdict::Drop(_) => {}
+        }
+    }
+
+    /// Runs the pipeline on frames other workers handed to this one (their flows are ours).
+    fn process_handed(&mut self, now: u64, tables: &Tables, local: &HashMap<u32, usize>) {
+        let Some(q) = self.handoff.process.get(self.id) else { return };
+        let mut held: [Option<Handed>; BATCH] = [const { None }; BATCH];
+        let mut n = 0;
+        while n < BATCH {
+            match q.pop() {
+                Some(h) => {
+                    held[n] = Some(h);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        if n == 0 {
+            return;
+        }
+        let mut verdicts = [Verdict::Pass(PassReason::NotOurs); BATCH];
+        let mut lens = [0usize; BATCH];
+        let mut ifs = [0u32; BATCH];
+        {
+            let mut it = held.iter_mut();
+            let mut frames: [Frame<'_>; BATCH] = std::array::from_fn(|_| match it.next() {
+                Some(Some(h)) => Frame { buf: &mut h.data[..], len: h.len, ifindex: h.ifindex },
+                _ => Frame { buf: &mut [], len: 0, ifindex: 0 },
+            });
+            self.state.local_only = true;
+            process_batch(&mut frames[..n], &mut verdicts[..n], tables, &mut self.state, now);
+            self.state.local_only = false;
+            for k in 0..n {
+                lens[k] = frames[k].len;
+                ifs[k] = frames[k].ifindex;
+            }
+        }
+        for k in 0..n {
+            if let Some(h) = held[k].take() {
+                let len = lens[k].min(h.data.len());
+                self.dispatch_bytes(&h.data[..len], ifs[k], verdicts[k], local);
+                let _ = self.handoff.pool.push(h.data);
+            }
         }
     }
 

@@ -104,7 +104,8 @@ fn run(args: &Args) -> Result<(), String> {
         let s = if b.ip.octets()[3] / 10 == 2 { udp_echo(b, 5353)? } else { http_server(b, 8080)? };
         servers.push((b.ip, s));
     }
-    let (cfg, socket) = write_node_config(&topo, &[0])?;
+    let cores: Vec<usize> = (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    let (cfg, socket) = write_node_config(&topo, &cores)?;
     let stats = topo.dir.join("stats.json");
     let bin = binary("kxdp-dataplane");
     let mut dp = Proc::start(
@@ -115,7 +116,7 @@ fn run(args: &Args) -> Result<(), String> {
     if !wait_for(Duration::from_secs(20), || read_stats(&stats).is_some()) {
         return Err(format!("the dataplane did not start:\n{}", dp.log()));
     }
-    println!("== dataplane up on {} veths (log: {})", topo.pods.len(), dp.log.display());
+    println!("== dataplane up on {} veths, {} worker(s) (log: {})", topo.pods.len(), cores.len().min(topo.pods.len()), dp.log.display());
     let ctl = binary("kxdp-control");
     let manifests = std::fs::canonicalize(&args.manifests).map_err(|e| format!("{}: {e}", args.manifests.display()))?;
     let mut control = Proc::start(
