@@ -94,6 +94,7 @@ proptest! {
             Verdict::Tx { .. } => prop_assert_eq!(c.tx, 1),
             Verdict::Pass(_) => prop_assert_eq!(c.total_passes(), 1),
             Verdict::Drop(_) => prop_assert_eq!(c.total_drops(), 1),
+            Verdict::Handoff { .. } => prop_assert!(false, "a single worker never hands off"),
         }
     }
 
