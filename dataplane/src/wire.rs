@@ -66,30 +66,52 @@ pub(crate) fn wr32(b: &mut [u8], off: usize, v: u32) {
     b[off..off + 4].copy_from_slice(&v.to_be_bytes());
 }
 
-/// One's-complement sum of `data` added to `sum` (not folded).
+/// One's-complement sum of `data` added to `sum` (RFC 1071), 32 bits at a time into a 64-bit
+/// accumulator (no branch per word), folded back to at most 17 bits so callers can keep adding.
 #[inline]
-pub fn csum_partial(data: &[u8], mut sum: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
+pub fn csum_partial(data: &[u8], sum: u32) -> u32 {
+    let mut acc = u64::from(sum);
+    let mut chunks = data.chunks_exact(4);
     for c in &mut chunks {
-        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
-        // Fold early so long inputs cannot overflow.
-        if sum & 0x8000_0000 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
+        acc += u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
     }
-    if let [last] = chunks.remainder() {
-        sum = sum.wrapping_add(u32::from(*last) << 8);
+    match *chunks.remainder() {
+        [a] => acc += u64::from(a) << 8,
+        [a, b] => acc += u64::from(u16::from_be_bytes([a, b])),
+        [a, b, c] => acc += u64::from(u16::from_be_bytes([a, b])) + (u64::from(c) << 8),
+        _ => {}
     }
-    sum
+    // 64 -> 32 -> 17 bits; one's-complement addition is associative, so the 32-bit words'
+    // sum folds to the same 16-bit sum as adding 16-bit words one by one.
+    let s = (acc & 0xffff_ffff) + (acc >> 32);
+    let s = ((s & 0xffff_ffff) + (s >> 32)) as u32;
+    (s & 0xffff) + (s >> 16)
 }
 
 /// Folds a 32-bit one's-complement sum to 16 bits and complements it.
-#[inline]
-pub fn csum_fold(mut sum: u32) -> u16 {
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+#[inline(always)]
+pub fn csum_fold(sum: u32) -> u16 {
+    let s = (sum & 0xffff) + (sum >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// RFC 1624's `~m + m'` for a 32-bit field, as a sum of 16-bit words (at most 4 x 0xffff).
+#[inline(always)]
+fn delta32(old: u32, new: u32) -> u32 {
+    u32::from(!(old >> 16) as u16) + u32::from(!(old as u16)) + (new >> 16) + (new & 0xffff)
+}
+
+/// RFC 1624's `~m + m'` for a 16-bit field.
+#[inline(always)]
+fn delta16(old: u16, new: u16) -> u32 {
+    u32::from(!old) + u32::from(new)
+}
+
+/// RFC 1624 eqn. 3 for an accumulated delta (at most 8 x 0xffff): `~(~HC + delta)`.
+#[inline(always)]
+fn csum_apply(check: u16, delta: u32) -> u16 {
+    csum_fold(u32::from(!check) + delta)
 }
 
 /// RFC 1624 eqn. 3: the checksum `check` after a 16-bit word changed from `old` to `new`.
@@ -315,8 +337,20 @@ pub fn rewrite_tuple(
     sport: u16,
     dport: u16,
 ) {
-    let old_src = ip::set_addr(b, l3, 12, src);
-    let old_dst = ip::set_addr(b, l3, 16, dst);
+    // One accumulated delta per checksum, folded once: the addresses change both the IP
+    // header checksum and (through the pseudo-header) the TCP/UDP one.
+    let old_src = rd32(b, l3 + 12);
+    let old_dst = rd32(b, l3 + 16);
+    let d_ip = if old_src == src && old_dst == dst {
+        0
+    } else {
+        wr32(b, l3 + 12, src);
+        wr32(b, l3 + 16, dst);
+        let d = delta32(old_src, src) + delta32(old_dst, dst);
+        let c = csum_apply(rd16(b, l3 + 10), d);
+        wr16(b, l3 + 10, c);
+        d
+    };
     if !l4_present {
         return;
     }
@@ -334,10 +368,17 @@ pub fn rewrite_tuple(
             if proto == IPPROTO_UDP && old_c == 0 {
                 return; // No checksum: stays absent.
             }
-            let mut c = csum_replace4(old_c, old_src, src);
-            c = csum_replace4(c, old_dst, dst);
-            c = csum_replace2(c, old_sport, sport);
-            c = csum_replace2(c, old_dport, dport);
+            let mut d = d_ip;
+            if old_sport != sport {
+                d += delta16(old_sport, sport);
+            }
+            if old_dport != dport {
+                d += delta16(old_dport, dport);
+            }
+            if d == 0 {
+                return;
+            }
+            let mut c = csum_apply(old_c, d);
             if proto == IPPROTO_UDP && c == 0 {
                 c = 0xffff;
             }
@@ -366,6 +407,27 @@ pub fn ipv4(a: u32) -> Ipv4Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn csum_partial_equals_word_by_word_sum() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(1501).map(|x| x.wrapping_mul(151)).collect();
+        for len in 0..data.len() {
+            let d = &data[..len];
+            let mut s: u64 = 0;
+            for c in d.chunks(2) {
+                s += u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+            while s >> 16 != 0 {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            assert_eq!(csum_fold(csum_partial(d, 0)), !(s as u16), "len {len}");
+            assert_eq!(
+                csum_fold(csum_partial(d, 0xffff_ffff)),
+                csum_fold(csum_partial(d, 0xffff) + 0xffff),
+                "carry in, len {len}"
+            );
+        }
+    }
 
     #[test]
     fn rfc1624_matches_full_recompute() {
