@@ -306,7 +306,11 @@ impl Applier {
     }
     /// The hello for a new connection.
     pub fn hello(&self) -> ToControl {
-        ToControl::Hello { version: PROTOCOL_VERSION, epoch: self.epoch, generation: self.generation }
+        ToControl::Hello {
+            version: PROTOCOL_VERSION,
+            epoch: self.epoch,
+            generation: self.generation,
+        }
     }
 
     /// Applies one message; on success the new tables are live and the new generation is
@@ -326,7 +330,10 @@ impl Applier {
 
     /// Changes the dataplane's own parts of the tables (routes, source-NAT address) through
     /// the same publication path, so they and control updates never overwrite each other.
-    pub fn update_local(&mut self, f: impl FnOnce(crate::tables::TablesBuilder) -> crate::tables::TablesBuilder) {
+    pub fn update_local(
+        &mut self,
+        f: impl FnOnce(crate::tables::TablesBuilder) -> crate::tables::TablesBuilder,
+    ) {
         let cur = self.live.load_full();
         self.live.store(Arc::new(f(cur.next()).build()));
     }
@@ -358,7 +365,11 @@ impl Applier {
             let fes: Vec<Frontend> = p
                 .frontends
                 .iter()
-                .map(|f| Frontend { service: id, kind: f.kind, masquerade_remote: f.masquerade_remote })
+                .map(|f| Frontend {
+                    service: id,
+                    kind: f.kind,
+                    masquerade_remote: f.masquerade_remote,
+                })
                 .collect();
             b.upsert_service(reuse_or_build(&cur, p.spec, p.backends))?;
             for (k, f) in keys.iter().zip(fes) {
@@ -431,7 +442,11 @@ impl Applier {
                 .frontends
                 .iter()
                 .map(|f| {
-                    let fe = Frontend { service: id, kind: f.kind, masquerade_remote: f.masquerade_remote };
+                    let fe = Frontend {
+                        service: id,
+                        kind: f.kind,
+                        masquerade_remote: f.masquerade_remote,
+                    };
                     (FrontendKey::new(f.ip, f.port, proto), fe)
                 })
                 .collect();
@@ -714,7 +729,8 @@ mod tests {
         let mut routes = Routes::default();
         let hop = NextHop { ifindex: 7, src_mac: [2; 6], dst_mac: [4; 6] };
         routes.add_prefix(Ipv4Addr::new(10, 244, 0, 0), 16, hop);
-        let t = Tables::builder(0).routes(routes).snat_ip(Some(Ipv4Addr::new(192, 168, 1, 10))).build();
+        let t =
+            Tables::builder(0).routes(routes).snat_ip(Some(Ipv4Addr::new(192, 168, 1, 10))).build();
         Arc::new(ArcSwap::from_pointee(t))
     }
 
@@ -724,7 +740,10 @@ mod tests {
         let mut a = Applier::new(live.clone());
         let snap = ToDataplane::Snapshot {
             generation: 5,
-            ports: vec![port(1, [10, 96, 0, 1], &[(1, 1), (2, 2)]), port(2, [10, 96, 0, 2], &[(3, 3)])],
+            ports: vec![
+                port(1, [10, 96, 0, 1], &[(1, 1), (2, 2)]),
+                port(2, [10, 96, 0, 2], &[(3, 3)]),
+            ],
         };
         assert_eq!(a.apply(snap), Ok(5));
         let t1 = live.load_full();
@@ -749,7 +768,10 @@ mod tests {
         assert!(t2.routes().lookup(u32::from(Ipv4Addr::new(10, 244, 3, 3))).is_some());
 
         // A snapshot equal to the live state shares the service ports.
-        let same = ToDataplane::Snapshot { generation: 7, ports: vec![port(1, [10, 96, 0, 9], &[(1, 1)])] };
+        let same = ToDataplane::Snapshot {
+            generation: 7,
+            ports: vec![port(1, [10, 96, 0, 9], &[(1, 1)])],
+        };
         assert_eq!(a.apply(same), Ok(7));
         assert!(Arc::ptr_eq(t2.service_arc(1).unwrap(), live.load().service_arc(1).unwrap()));
     }
@@ -758,20 +780,41 @@ mod tests {
     fn refused_messages_leave_tables_unchanged() {
         let live = live_with_routes();
         let mut a = Applier::new(live.clone());
-        a.apply(ToDataplane::Snapshot { generation: 1, ports: vec![port(1, [10, 96, 0, 1], &[(1, 1)])] })
-            .unwrap();
+        a.apply(ToDataplane::Snapshot {
+            generation: 1,
+            ports: vec![port(1, [10, 96, 0, 1], &[(1, 1)])],
+        })
+        .unwrap();
         let before = live.load_full();
         let bad = [
             ToDataplane::Delta { base: 9, generation: 10, upserts: vec![], removals: vec![] },
-            ToDataplane::Delta { base: 1, generation: 2, upserts: vec![port(0, [1, 1, 1, 1], &[])], removals: vec![] },
-            ToDataplane::Delta { base: 1, generation: 2, upserts: vec![port(3, [1, 1, 1, 1], &[(0, 1)])], removals: vec![] },
+            ToDataplane::Delta {
+                base: 1,
+                generation: 2,
+                upserts: vec![port(0, [1, 1, 1, 1], &[])],
+                removals: vec![],
+            },
+            ToDataplane::Delta {
+                base: 1,
+                generation: 2,
+                upserts: vec![port(3, [1, 1, 1, 1], &[(0, 1)])],
+                removals: vec![],
+            },
             // Takes port 1's frontend while port 1 stays: conflict.
-            ToDataplane::Delta { base: 1, generation: 2, upserts: vec![port(2, [10, 96, 0, 1], &[])], removals: vec![] },
+            ToDataplane::Delta {
+                base: 1,
+                generation: 2,
+                upserts: vec![port(2, [10, 96, 0, 1], &[])],
+                removals: vec![],
+            },
             ToDataplane::Snapshot {
                 generation: 3,
                 ports: vec![port(1, [10, 96, 0, 1], &[]), port(2, [10, 96, 0, 1], &[])],
             },
-            ToDataplane::Snapshot { generation: 3, ports: vec![port(1, [1, 1, 1, 1], &[]), port(1, [2, 2, 2, 2], &[])] },
+            ToDataplane::Snapshot {
+                generation: 3,
+                ports: vec![port(1, [1, 1, 1, 1], &[]), port(1, [2, 2, 2, 2], &[])],
+            },
         ];
         for m in bad {
             assert!(a.apply(m.clone()).is_err(), "{m:?}");
@@ -792,17 +835,26 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_bad_frames_are_errors() {
-        let msg = ToDataplane::Snapshot { generation: 1, ports: vec![port(1, [10, 96, 0, 1], &[(1, 1)])] };
+        let msg = ToDataplane::Snapshot {
+            generation: 1,
+            ports: vec![port(1, [10, 96, 0, 1], &[(1, 1)])],
+        };
         let mut buf = Vec::new();
         write_frame(&mut buf, &msg).unwrap();
         assert_eq!(read_frame::<_, ToDataplane>(&mut &buf[..]).unwrap(), msg);
         // Truncated body.
-        assert!(matches!(read_frame::<_, ToDataplane>(&mut &buf[..buf.len() - 1]), Err(FrameError::Io(_))));
+        assert!(matches!(
+            read_frame::<_, ToDataplane>(&mut &buf[..buf.len() - 1]),
+            Err(FrameError::Io(_))
+        ));
         // Empty stream: closed.
         assert!(matches!(read_frame::<_, ToDataplane>(&mut &[][..]), Err(FrameError::Closed)));
         // Oversized length prefix: refused before allocating.
         let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();
-        assert!(matches!(read_frame::<_, ToDataplane>(&mut &huge[..]), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_frame::<_, ToDataplane>(&mut &huge[..]),
+            Err(FrameError::TooLarge(_))
+        ));
         // Garbage body.
         let mut junk = 3u32.to_le_bytes().to_vec();
         junk.extend_from_slice(&[0xff, 0xff, 0xff]);
@@ -834,14 +886,20 @@ mod tests {
         // A garbage body: error reply, connection still usable.
         c.write_all(&[2, 0, 0, 0, 0xff, 0xff]).unwrap();
         assert!(matches!(read_frame::<_, ToControl>(&mut c).unwrap(), ToControl::Error { .. }));
-        let snap = ToDataplane::Snapshot { generation: 4, ports: vec![port(1, [10, 96, 0, 1], &[(1, 1)])] };
+        let snap = ToDataplane::Snapshot {
+            generation: 4,
+            ports: vec![port(1, [10, 96, 0, 1], &[(1, 1)])],
+        };
         write_frame(&mut c, &snap).unwrap();
         assert_eq!(read_frame::<_, ToControl>(&mut c).unwrap(), ToControl::Ack { generation: 4 });
         assert_eq!(live.load().services().count(), 1);
         // An oversized frame: error reply and close; tables untouched.
         c.write_all(&((MAX_FRAME as u32) + 1).to_le_bytes()).unwrap();
         assert!(matches!(read_frame::<_, ToControl>(&mut c).unwrap(), ToControl::Error { .. }));
-        assert!(matches!(read_frame::<_, ToControl>(&mut c), Err(FrameError::Closed | FrameError::Io(_))));
+        assert!(matches!(
+            read_frame::<_, ToControl>(&mut c),
+            Err(FrameError::Closed | FrameError::Io(_))
+        ));
         assert_eq!(live.load().services().count(), 1);
         {
             let a = applier.lock();

@@ -288,11 +288,14 @@ mod tests {
         assert_eq!(c.steer.destinations[1], Cidr { addr: Ipv4Addr::new(192, 168, 1, 2), len: 32 });
         assert_eq!(c.conntrack.capacity, 1024);
         assert_eq!(c.conntrack.timeouts.udp, 30);
-        assert!(NodeConfig::parse("node_name: n\ninterfaces: [{name: a, role: pod}]\ncorse: [1]\n")
-            .unwrap_err()
-            .to_string()
-            .contains("corse"));
+        assert!(NodeConfig::parse(
+            "node_name: n\ninterfaces: [{name: a, role: pod}]\ncorse: [1]\n"
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("corse"));
         assert!(NodeConfig::parse("node_name: n\ninterfaces: [{name: a, role: pod}]\nsteer: {destinations: [10.0.0.0/33]}\n").is_err());
-        assert!(NodeConfig::parse("node_name: n\ninterfaces: [{name: a, role: pod}]\nmode: raw\n").is_err());
+        assert!(NodeConfig::parse("node_name: n\ninterfaces: [{name: a, role: pod}]\nmode: raw\n")
+            .is_err());
     }
 }

@@ -229,7 +229,8 @@ impl Dataplane {
         let mut fds: Vec<(String, u32, u32, i32)> = Vec::new();
         let mut managed = Vec::new();
         for i in &cfg.interfaces {
-            let ifindex = ifindex_of(&i.name).ok_or_else(|| StartError::NoInterface(i.name.clone()))?;
+            let ifindex =
+                ifindex_of(&i.name).ok_or_else(|| StartError::NoInterface(i.name.clone()))?;
             managed.push(ifindex);
         }
         for q in &the_plan.queues {
@@ -244,16 +245,13 @@ impl Dataplane {
             Some(Arc::new(Punt::open(&cfg.punt_device)?))
         };
         // Tables: control socket and kernel next hops.
-        let live = Arc::new(ArcSwap::from_pointee(
-            Tables::builder(0).snat_ip(cfg.snat_ip).build(),
-        ));
+        let live = Arc::new(ArcSwap::from_pointee(Tables::builder(0).snat_ip(cfg.snat_ip).build()));
         let applier = Arc::new(Mutex::new(Applier::new(live.clone())));
         if let Some(dir) = cfg.control_socket.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let server = Server::spawn(&cfg.control_socket, applier.clone()).map_err(|source| {
-            StartError::Control { path: cfg.control_socket.clone(), source }
-        })?;
+        let server = Server::spawn(&cfg.control_socket, applier.clone())
+            .map_err(|source| StartError::Control { path: cfg.control_socket.clone(), source })?;
         tracing::info!(socket = %cfg.control_socket.display(), "control socket listening");
         refresh_routes(&applier, &managed).map_err(StartError::Netlink)?;
 
@@ -360,12 +358,11 @@ impl Dataplane {
                 }
             }
             for (name, _, queue, fd) in fds.iter().filter(|f| f.0 == i.name) {
-                prog.set_socket(*queue, *fd).map_err(|source| StartError::Xdp {
-                    iface: name.clone(),
-                    source,
-                })?;
+                prog.set_socket(*queue, *fd)
+                    .map_err(|source| StartError::Xdp { iface: name.clone(), source })?;
             }
-            let ifindex = ifindex_of(&i.name).ok_or_else(|| StartError::NoInterface(i.name.clone()))?;
+            let ifindex =
+                ifindex_of(&i.name).ok_or_else(|| StartError::NoInterface(i.name.clone()))?;
             let att = prog.attach(ifindex, mode).map_err(xe)?;
             tracing::info!(iface = %i.name, ifindex, mode = ?mode, "XDP program attached");
             self.attachments.push(att);
@@ -425,7 +422,11 @@ impl Dataplane {
                 let c = p.counters().ok()?;
                 Some((
                     n.clone(),
-                    XdpReport { steered: c.steered, passed: c.passed(), no_socket: c.passed_no_socket },
+                    XdpReport {
+                        steered: c.steered,
+                        passed: c.passed(),
+                        no_socket: c.passed_no_socket,
+                    },
                 ))
             })
             .collect();

@@ -63,7 +63,8 @@ impl Punt {
             return Err(err(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
         }
         let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(err)?;
-        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TUN | IFF_NO_PI, _pad: [0; 22] };
+        let mut req =
+            IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TUN | IFF_NO_PI, _pad: [0; 22] };
         for (d, s) in req.name.iter_mut().zip(name.bytes()) {
             *d = s as libc::c_char;
         }

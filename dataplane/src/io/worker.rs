@@ -197,7 +197,13 @@ impl Worker {
                                 Frame { buf: &mut [], len: 0, ifindex: 0 }
                             }
                         });
-                        process_batch(&mut frames[..n], &mut verdicts[..n], &tables, &mut self.state, now);
+                        process_batch(
+                            &mut frames[..n],
+                            &mut verdicts[..n],
+                            &tables,
+                            &mut self.state,
+                            now,
+                        );
                         for (l, f) in lens.iter_mut().zip(frames.iter()).take(n) {
                             *l = f.len;
                         }

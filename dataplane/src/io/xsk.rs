@@ -128,16 +128,17 @@ impl Port {
             .map_err(|e| XskError::Config(format!("interface name {iface:?}: {e:?}")))?;
         // SAFETY: the UMEM is new and not shared, so the shared-UMEM precondition of
         // `Socket::new` does not apply; program loading is inhibited as well.
-        let (tx, rx, rings) = unsafe { Socket::new(sock_cfg, &umem, &ifname, queue) }.map_err(
-            |e| XskError::Socket {
-                iface: iface.into(),
-                queue,
-                reason: format!("{e} ({:?})", std::error::Error::source(&e)),
-                errno: std::error::Error::source(&e)
-                    .and_then(|s| s.downcast_ref::<std::io::Error>())
-                    .and_then(|io| io.raw_os_error()),
-            },
-        )?;
+        let (tx, rx, rings) =
+            unsafe { Socket::new(sock_cfg, &umem, &ifname, queue) }.map_err(|e| {
+                XskError::Socket {
+                    iface: iface.into(),
+                    queue,
+                    reason: format!("{e} ({:?})", std::error::Error::source(&e)),
+                    errno: std::error::Error::source(&e)
+                        .and_then(|s| s.downcast_ref::<std::io::Error>())
+                        .and_then(|io| io.raw_os_error()),
+                }
+            })?;
         let (fq, cq) = rings.ok_or_else(|| XskError::Socket {
             iface: iface.into(),
             queue,
