@@ -476,36 +476,33 @@ fn new_flow(
         dport: key.sport,
         proto: key.proto,
     };
-    if snat {
+    // Source NAT when the flow needs it, or when the backend already talks to this client from
+    // this very tuple (a direct connection): then this one goes through a port of our own.
+    let mut hr = None;
+    let needs_port = snat || {
+        let h0 = w.ct.hash(&reply);
+        hr = Some(h0);
+        w.ct.lookup_hashed(&reply, h0, now).is_some()
+    };
+    if needs_port {
         let Some(sip) = t.snat_ip() else {
-            // Without an address to masquerade to, send it unmasqueraded (as before SNAT was
-            // configured): the kernel path would behave the same.
-            return finish_new(f, o, t, w, now, key, h, reply, None, svc, cand.id, flags);
+            return if snat {
+                // Without an address to masquerade to, send it unmasqueraded (as before SNAT
+                // was configured): the kernel path would behave the same.
+                finish_new(f, o, t, w, now, key, h, reply, None, svc, cand.id, flags)
+            } else {
+                Verdict::Drop(DropReason::SnatExhausted)
+            };
         };
         reply.dst = u32::from(sip);
-        let Some((port, hr)) = snat_port(w, &reply, h, now) else {
+        let Some((port, h_port)) = snat_port(w, &reply, h, now) else {
             return Verdict::Drop(DropReason::SnatExhausted);
         };
         reply.dport = port;
+        hr = Some(h_port);
         w.counters.snat_flows += 1;
-        return finish_new(f, o, t, w, now, key, h, reply, Some(hr), svc, cand.id, flags);
     }
-    let hr = w.ct.hash(&reply);
-    if w.ct.lookup_hashed(&reply, hr, now).is_some() {
-        // The backend already talks to this client from this very tuple (a direct
-        // connection): translate this one through a source port of our own.
-        let Some(sip) = t.snat_ip() else {
-            return Verdict::Drop(DropReason::SnatExhausted);
-        };
-        reply.dst = u32::from(sip);
-        let Some((port, hr)) = snat_port(w, &reply, h, now) else {
-            return Verdict::Drop(DropReason::SnatExhausted);
-        };
-        reply.dport = port;
-        w.counters.snat_flows += 1;
-        return finish_new(f, o, t, w, now, key, h, reply, Some(hr), svc, cand.id, flags);
-    }
-    finish_new(f, o, t, w, now, key, h, reply, Some(hr), svc, cand.id, flags)
+    finish_new(f, o, t, w, now, key, h, reply, hr, svc, cand.id, flags)
 }
 
 #[allow(clippy::too_many_arguments)]

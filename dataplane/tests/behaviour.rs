@@ -10,19 +10,6 @@ use dataplane::balance::Algorithm;
 use dataplane::counters::DropReason as D;
 use dataplane::pipeline::Verdict;
 use dataplane::tables::{Protocol, ServicePort};
-use etherparse::SlicedPacket;
-
-/// (src, sport, dst, dport) of a frame.
-fn tuple(f: &[u8]) -> ([u8; 4], u16, [u8; 4], u16) {
-    let p = SlicedPacket::from_ethernet(f).unwrap();
-    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!("not ipv4") };
-    let (s, d) = (ip.header().source(), ip.header().destination());
-    match &p.transport {
-        Some(etherparse::TransportSlice::Tcp(t)) => (s, t.source_port(), d, t.destination_port()),
-        Some(etherparse::TransportSlice::Udp(u)) => (s, u.source_port(), d, u.destination_port()),
-        _ => (s, 0, d, 0),
-    }
-}
 
 #[test]
 fn removed_backend_resets_tcp_and_rebalances_udp_at_once() {

@@ -5,19 +5,7 @@ mod common;
 
 use common::*;
 use dataplane::pipeline::Verdict;
-use etherparse::SlicedPacket;
 use proptest::prelude::*;
-
-fn tuple(f: &[u8]) -> ([u8; 4], u16, [u8; 4], u16) {
-    let p = SlicedPacket::from_ethernet(f).unwrap();
-    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!("not ipv4") };
-    let (s, d) = (ip.header().source(), ip.header().destination());
-    match &p.transport {
-        Some(etherparse::TransportSlice::Tcp(t)) => (s, t.source_port(), d, t.destination_port()),
-        Some(etherparse::TransportSlice::Udp(u)) => (s, u.source_port(), d, u.destination_port()),
-        _ => panic!("no ports"),
-    }
-}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]

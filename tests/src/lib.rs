@@ -81,7 +81,10 @@ impl Netns {
         })
     }
     /// Runs `f` inside this namespace and waits for it.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, String> {
         self.spawn(f).join().map_err(|_| "thread panicked".to_string())?
     }
 }
@@ -128,7 +131,9 @@ impl Topology {
             let ns = Netns::new(&format!("kxdp-{tag}-p{i}"))?;
             let host_if = format!("kx{tag}{i}");
             let host_if = host_if.chars().take(15).collect::<String>();
-            node.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+            node.ip(&[
+                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ])?;
             node.ip(&["link", "set", &host_if, "up"])?;
             let mac = node.ip(&["-br", "link", "show", &host_if])?;
             let mac = mac.split_whitespace().nth(2).ok_or("no MAC")?.to_string();
@@ -154,7 +159,16 @@ impl Topology {
     /// the dataplane has next hops from the start.
     pub fn resolve_neighbours(&self) -> Result<(), String> {
         for p in &self.pods {
-            let _ = self.node.exec(&["ping", "-c", "1", "-W", "1", "-I", &p.host_if, &p.ip.to_string()]);
+            let _ = self.node.exec(&[
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                "-I",
+                &p.host_if,
+                &p.ip.to_string(),
+            ]);
         }
         Ok(())
     }
@@ -332,7 +346,11 @@ pub fn udp_echo(pod: &Pod, port: u16) -> Result<Server, String> {
 
 /// Sends `count` UDP requests from `pod` to `to`, each from a new socket (so a new flow),
 /// and returns the (replying address, first word of the reply) of each answered one.
-pub fn udp_requests(pod: &Pod, to: SocketAddr, count: usize) -> Result<Vec<(SocketAddr, String)>, String> {
+pub fn udp_requests(
+    pod: &Pod,
+    to: SocketAddr,
+    count: usize,
+) -> Result<Vec<(SocketAddr, String)>, String> {
     pod.ns.run(move || {
         let mut out = Vec::new();
         for i in 0..count {
@@ -385,7 +403,13 @@ pub fn demo_ports() -> Vec<dataplane::sync::PortUpdate> {
     use dataplane::balance::Algorithm;
     use dataplane::sync::{FrontendEntry, PortUpdate};
     use dataplane::tables::{Backend, FrontendKind, Protocol, ServiceSpec};
-    let port = |id: u32, name: &str, proto, affinity, vip: [u8; 4], vport, backends: &[(u32, [u8; 4], u16)]| PortUpdate {
+    let port = |id: u32,
+                name: &str,
+                proto,
+                affinity,
+                vip: [u8; 4],
+                vport,
+                backends: &[(u32, [u8; 4], u16)]| PortUpdate {
         spec: ServiceSpec {
             id,
             name: name.into(),
@@ -394,7 +418,10 @@ pub fn demo_ports() -> Vec<dataplane::sync::PortUpdate> {
             affinity_timeout_s: affinity,
             maglev_size: dataplane::tables::DEFAULT_MAGLEV_SIZE,
         },
-        backends: backends.iter().map(|&(bid, ip, p)| Backend::ready(bid, Ipv4Addr::from(ip), p)).collect(),
+        backends: backends
+            .iter()
+            .map(|&(bid, ip, p)| Backend::ready(bid, Ipv4Addr::from(ip), p))
+            .collect(),
         frontends: vec![FrontendEntry {
             ip: Ipv4Addr::from(vip),
             port: vport,
@@ -403,17 +430,50 @@ pub fn demo_ports() -> Vec<dataplane::sync::PortUpdate> {
         }],
     };
     vec![
-        port(1, "demo/web:http", Protocol::Tcp, None, [10, 96, 0, 10], 80, &[(1, [10, 200, 1, 11], 8080), (2, [10, 200, 1, 12], 8080), (3, [10, 200, 1, 13], 8080)]),
-        port(2, "demo/echo:echo", Protocol::Udp, None, [10, 96, 0, 20], 5353, &[(4, [10, 200, 1, 21], 5353), (5, [10, 200, 1, 22], 5353)]),
-        port(3, "demo/sticky:http", Protocol::Tcp, Some(600), [10, 96, 0, 30], 80, &[(6, [10, 200, 1, 31], 8080), (7, [10, 200, 1, 32], 8080)]),
+        port(
+            1,
+            "demo/web:http",
+            Protocol::Tcp,
+            None,
+            [10, 96, 0, 10],
+            80,
+            &[
+                (1, [10, 200, 1, 11], 8080),
+                (2, [10, 200, 1, 12], 8080),
+                (3, [10, 200, 1, 13], 8080),
+            ],
+        ),
+        port(
+            2,
+            "demo/echo:echo",
+            Protocol::Udp,
+            None,
+            [10, 96, 0, 20],
+            5353,
+            &[(4, [10, 200, 1, 21], 5353), (5, [10, 200, 1, 22], 5353)],
+        ),
+        port(
+            3,
+            "demo/sticky:http",
+            Protocol::Tcp,
+            Some(600),
+            [10, 96, 0, 30],
+            80,
+            &[(6, [10, 200, 1, 31], 8080), (7, [10, 200, 1, 32], 8080)],
+        ),
         port(4, "demo/idle:http", Protocol::Tcp, None, [10, 96, 0, 40], 80, &[]),
     ]
 }
 
 /// Sends a snapshot to a dataplane's control socket and waits for its acknowledgement.
-pub fn push_snapshot(socket: &Path, generation: u64, ports: Vec<dataplane::sync::PortUpdate>) -> Result<(), String> {
+pub fn push_snapshot(
+    socket: &Path,
+    generation: u64,
+    ports: Vec<dataplane::sync::PortUpdate>,
+) -> Result<(), String> {
     use dataplane::sync::{read_frame, write_frame, ToControl, ToDataplane};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
     let hello: ToControl = read_frame(&mut s).map_err(|e| e.to_string())?;
     if !matches!(hello, ToControl::Hello { .. }) {
@@ -441,7 +501,8 @@ pub const DEMO_PODS: [[u8; 4]; 8] = [
 /// Writes the dataplane configuration for a topology: every node-side veth a pod interface.
 pub fn write_node_config(topo: &Topology, cores: &[usize]) -> Result<(PathBuf, PathBuf), String> {
     let socket = topo.dir.join("control.sock");
-    let ifaces: Vec<String> = topo.pods.iter().map(|p| format!("  - {{name: {}, role: pod}}", p.host_if)).collect();
+    let ifaces: Vec<String> =
+        topo.pods.iter().map(|p| format!("  - {{name: {}, role: pod}}", p.host_if)).collect();
     let text = format!(
         "node_name: node-1\ninterfaces:\n{}\ncores: [{}]\nsteer:\n  destinations: [10.96.0.0/16, 10.200.0.0/16]\n  sources: [10.200.0.0/16]\ncontrol_socket: {}\nconntrack: {{capacity: 65536}}\numem_frames: 4096\npunt_device: kxp{}\nidle_polls_before_sleep: 2000\n",
         ifaces.join("\n"),
@@ -457,4 +518,32 @@ pub fn write_node_config(topo: &Topology, cores: &[usize]) -> Result<(PathBuf, P
 /// The dataplane's JSON report.
 pub fn read_stats(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// Starts `kxdp-dataplane` in the node namespace with configuration `cfg`, writing its stats
+/// to `stats` every 200 ms and its log to `log_name` in the scratch directory, and waits until
+/// it reports (up to 20 s).
+pub fn start_dataplane(
+    topo: &Topology,
+    cfg: &Path,
+    stats: &Path,
+    log_name: &str,
+) -> Result<Proc, String> {
+    let bin = binary("kxdp-dataplane");
+    let _ = std::fs::remove_file(stats);
+    let (b, c, st) = (bin.to_string_lossy(), cfg.to_string_lossy(), stats.to_string_lossy());
+    let args = [
+        b.as_ref(),
+        "--config",
+        c.as_ref(),
+        "--stats-file",
+        st.as_ref(),
+        "--stats-interval",
+        "200ms",
+    ];
+    let dp = Proc::start(&topo.node, &args, &topo.dir.join(log_name))?;
+    if !wait_for(Duration::from_secs(20), || read_stats(stats).is_some()) {
+        return Err(format!("the dataplane did not start:\n{}", dp.log()));
+    }
+    Ok(dp)
 }

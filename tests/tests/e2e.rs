@@ -29,18 +29,8 @@ fn clusterip_traffic_through_the_af_xdp_dataplane() {
     }
     let (cfg, socket) = write_node_config(&topo, &[0]).unwrap();
     let stats = topo.dir.join("stats.json");
-    let bin = binary("kxdp-dataplane");
-    let mut dp = Proc::start(
-        &topo.node,
-        &[bin.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--stats-file", stats.to_str().unwrap(), "--stats-interval", "200ms"],
-        &topo.dir.join("dataplane.log"),
-    )
-    .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(20), || socket.exists() && read_stats(&stats).is_some()),
-        "dataplane did not start:\n{}",
-        dp.log()
-    );
+    let mut dp =
+        start_dataplane(&topo, &cfg, &stats, "dataplane.log").unwrap_or_else(|e| panic!("{e}"));
     push_snapshot(&socket, 1, demo_ports()).unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
 
     // UDP through a ClusterIP: replies come from the service address; load spreads.
@@ -61,7 +51,8 @@ fn clusterip_traffic_through_the_af_xdp_dataplane() {
     // TCP (HTTP with curl) through a ClusterIP.
     let mut web: HashMap<String, usize> = HashMap::new();
     for _ in 0..30 {
-        let body = curl(client, "http://10.96.0.10/").unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
+        let body =
+            curl(client, "http://10.96.0.10/").unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
         *web.entry(body.trim().to_string()).or_default() += 1;
     }
     assert!(web.len() >= 2, "web load spread over backends: {web:?}");
@@ -105,18 +96,8 @@ fn clusterip_traffic_through_the_af_xdp_dataplane() {
     let _ = dp.child.wait();
     let stale = topo.node.ip(&["-d", "link", "show", &topo.pods[0].host_if]).unwrap();
     assert!(stale.contains("prog/xdp"), "a killed dataplane leaves its program: {stale}");
-    let _ = std::fs::remove_file(&stats);
-    let mut dp = Proc::start(
-        &topo.node,
-        &[bin.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--stats-file", stats.to_str().unwrap(), "--stats-interval", "200ms"],
-        &topo.dir.join("dataplane2.log"),
-    )
-    .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(20), || read_stats(&stats).is_some()),
-        "restart after a crash:\n{}",
-        dp.log()
-    );
+    let mut dp = start_dataplane(&topo, &cfg, &stats, "dataplane2.log")
+        .unwrap_or_else(|e| panic!("restart after a crash: {e}"));
     push_snapshot(&socket, 1, demo_ports()).unwrap();
     let replies = udp_requests(client, echo, 20).unwrap();
     assert!(replies.len() >= 18, "traffic after restart: {}\n{}", replies.len(), dp.log());
@@ -149,14 +130,8 @@ fn raw_mode_forwards_frames_unchanged() {
     )
     .unwrap();
     let stats = topo.dir.join("stats.json");
-    let bin = binary("kxdp-dataplane");
-    let mut dp = Proc::start(
-        &topo.node,
-        &[bin.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--stats-file", stats.to_str().unwrap(), "--stats-interval", "200ms"],
-        &topo.dir.join("dataplane.log"),
-    )
-    .unwrap();
-    assert!(wait_for(Duration::from_secs(20), || read_stats(&stats).is_some()), "{}", dp.log());
+    let mut dp =
+        start_dataplane(&topo, &cfg, &stats, "dataplane.log").unwrap_or_else(|e| panic!("{e}"));
     let rx_packets = |p: &Pod| -> u64 {
         let out = p.ns.exec(&["cat", "/sys/class/net/eth0/statistics/rx_packets"]).unwrap();
         out.trim().parse().unwrap()
@@ -179,8 +154,11 @@ fn raw_mode_forwards_frames_unchanged() {
         dp.log()
     );
     assert!(
-        wait_for(Duration::from_secs(3), || read_stats(&stats)
-            .is_some_and(|r| r["workers"][0]["transmitted"].as_u64().unwrap_or(0) >= 200)),
+        wait_for(Duration::from_secs(3), || read_stats(&stats).is_some_and(|r| r["workers"][0]
+            ["transmitted"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 200)),
         "{:?}",
         read_stats(&stats)
     );
@@ -209,14 +187,8 @@ fn two_workers_keep_flows_whose_directions_cross_workers() {
     // received by different workers.
     let (cfg, socket) = write_node_config(&topo, &[0, 1]).unwrap();
     let stats = topo.dir.join("stats.json");
-    let bin = binary("kxdp-dataplane");
-    let mut dp = Proc::start(
-        &topo.node,
-        &[bin.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--stats-file", stats.to_str().unwrap(), "--stats-interval", "200ms"],
-        &topo.dir.join("dataplane.log"),
-    )
-    .unwrap();
-    assert!(wait_for(Duration::from_secs(20), || socket.exists() && read_stats(&stats).is_some()), "{}", dp.log());
+    let mut dp =
+        start_dataplane(&topo, &cfg, &stats, "dataplane.log").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(read_stats(&stats).unwrap()["workers"].as_array().unwrap().len(), 2);
     push_snapshot(&socket, 1, demo_ports()).unwrap();
     let echo: SocketAddr = "10.96.0.20:5353".parse().unwrap();
@@ -232,8 +204,11 @@ fn two_workers_keep_flows_whose_directions_cross_workers() {
     }
     assert_eq!(sticky.len(), 1, "affinity holds across workers: {sticky:?}");
     assert!(
-        wait_for(Duration::from_secs(3), || read_stats(&stats)
-            .is_some_and(|r| r["totals"]["handed_off"].as_u64().unwrap_or(0) > 0)),
+        wait_for(Duration::from_secs(3), || read_stats(&stats).is_some_and(|r| r["totals"]
+            ["handed_off"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0)),
         "flows crossed workers: {:?}",
         read_stats(&stats)
     );

@@ -372,3 +372,15 @@ pub fn checksums_ok(frame: &[u8]) -> bool {
         _ => true,
     }
 }
+
+/// (source, source port, destination, destination port) of a TCP or UDP frame.
+pub fn tuple(f: &[u8]) -> ([u8; 4], u16, [u8; 4], u16) {
+    let p = etherparse::SlicedPacket::from_ethernet(f).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!("not ipv4") };
+    let (s, d) = (ip.header().source(), ip.header().destination());
+    match &p.transport {
+        Some(etherparse::TransportSlice::Tcp(t)) => (s, t.source_port(), d, t.destination_port()),
+        Some(etherparse::TransportSlice::Udp(u)) => (s, u.source_port(), d, u.destination_port()),
+        _ => (s, 0, d, 0),
+    }
+}

@@ -29,7 +29,11 @@ struct Args {
     burst_seconds: u64,
 }
 
-fn http_get(pod: &Pod, to: SocketAddr, count: usize) -> Result<(BTreeMap<String, usize>, usize), String> {
+fn http_get(
+    pod: &Pod,
+    to: SocketAddr,
+    count: usize,
+) -> Result<(BTreeMap<String, usize>, usize), String> {
     pod.ns.run(move || {
         let mut per = BTreeMap::new();
         let mut refused = 0;
@@ -40,7 +44,12 @@ fn http_get(pod: &Pod, to: SocketAddr, count: usize) -> Result<(BTreeMap<String,
                     let _ = write!(s, "GET / HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
                     let mut body = String::new();
                     let _ = s.read_to_string(&mut body);
-                    let who = body.lines().last().unwrap_or("").trim_start_matches("backend ").to_string();
+                    let who = body
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                        .trim_start_matches("backend ")
+                        .to_string();
                     *per.entry(who).or_insert(0) += 1;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
@@ -104,24 +113,31 @@ fn run(args: &Args) -> Result<(), String> {
         let s = if b.ip.octets()[3] / 10 == 2 { udp_echo(b, 5353)? } else { http_server(b, 8080)? };
         servers.push((b.ip, s));
     }
-    let cores: Vec<usize> = (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    let cores: Vec<usize> =
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
     let (cfg, socket) = write_node_config(&topo, &cores)?;
     let stats = topo.dir.join("stats.json");
-    let bin = binary("kxdp-dataplane");
-    let mut dp = Proc::start(
-        &topo.node,
-        &[bin.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--stats-file", stats.to_str().unwrap(), "--stats-interval", "200ms"],
-        &topo.dir.join("dataplane.log"),
-    )?;
-    if !wait_for(Duration::from_secs(20), || read_stats(&stats).is_some()) {
-        return Err(format!("the dataplane did not start:\n{}", dp.log()));
-    }
-    println!("== dataplane up on {} veths, {} worker(s) (log: {})", topo.pods.len(), cores.len().min(topo.pods.len()), dp.log.display());
+    let mut dp = start_dataplane(&topo, &cfg, &stats, "dataplane.log")?;
+    println!(
+        "== dataplane up on {} veths, {} worker(s) (log: {})",
+        topo.pods.len(),
+        cores.len().min(topo.pods.len()),
+        dp.log.display()
+    );
     let ctl = binary("kxdp-control");
-    let manifests = std::fs::canonicalize(&args.manifests).map_err(|e| format!("{}: {e}", args.manifests.display()))?;
+    let manifests = std::fs::canonicalize(&args.manifests)
+        .map_err(|e| format!("{}: {e}", args.manifests.display()))?;
     let mut control = Proc::start(
         &topo.node,
-        &[ctl.to_str().unwrap(), "--manifests", manifests.to_str().unwrap(), "--socket", socket.to_str().unwrap(), "--node-name", "node-1"],
+        &[
+            ctl.to_str().unwrap(),
+            "--manifests",
+            manifests.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--node-name",
+            "node-1",
+        ],
         &topo.dir.join("control.log"),
     )?;
     if !wait_for(Duration::from_secs(20), || {
@@ -130,17 +146,32 @@ fn run(args: &Args) -> Result<(), String> {
         return Err(format!("the control plane did not publish tables:\n{}", control.log()));
     }
     let r = read_stats(&stats).unwrap_or_default();
-    println!("== control plane published generation {} ({} service ports)", r["control_generation"], r["services"]);
+    println!(
+        "== control plane published generation {} ({} service ports)",
+        r["control_generation"], r["services"]
+    );
 
     let before = read_stats(&stats).unwrap_or_default();
     let t0 = Instant::now();
-    println!("\n{:<14} {:<18} {:>9} {:>9} {:>9}  per backend", "service", "frontend", "requests", "answered", "refused");
-    for (name, vip) in [("demo/web", "10.96.0.10:80"), ("demo/sticky", "10.96.0.30:80"), ("demo/idle", "10.96.0.40:80")] {
+    println!(
+        "\n{:<14} {:<18} {:>9} {:>9} {:>9}  per backend",
+        "service", "frontend", "requests", "answered", "refused"
+    );
+    for (name, vip) in [
+        ("demo/web", "10.96.0.10:80"),
+        ("demo/sticky", "10.96.0.30:80"),
+        ("demo/idle", "10.96.0.40:80"),
+    ] {
         let to: SocketAddr = vip.parse().unwrap();
         let (per, refused) = http_get(client, to, args.http_requests)?;
         let answered: usize = per.values().sum();
         let spread: Vec<String> = per.iter().map(|(b, n)| format!("{b}={n}")).collect();
-        println!("{name:<14} {:<18} {:>9} {answered:>9} {refused:>9}  {}", format!("{vip}/TCP"), args.http_requests, spread.join(" "));
+        println!(
+            "{name:<14} {:<18} {:>9} {answered:>9} {refused:>9}  {}",
+            format!("{vip}/TCP"),
+            args.http_requests,
+            spread.join(" ")
+        );
     }
     let echo: SocketAddr = "10.96.0.20:5353".parse().unwrap();
     let replies = udp_requests(client, echo, args.udp_requests)?;
@@ -151,11 +182,22 @@ fn run(args: &Args) -> Result<(), String> {
         from_vip += usize::from(*from == echo);
     }
     let spread: Vec<String> = per.iter().map(|(b, n)| format!("{b}={n}")).collect();
-    println!("{:<14} {:<18} {:>9} {:>9} {:>9}  {}", "demo/echo", "10.96.0.20:5353/UDP", args.udp_requests, replies.len(), 0, spread.join(" "));
+    println!(
+        "{:<14} {:<18} {:>9} {:>9} {:>9}  {}",
+        "demo/echo",
+        "10.96.0.20:5353/UDP",
+        args.udp_requests,
+        replies.len(),
+        0,
+        spread.join(" ")
+    );
     println!("  (UDP replies seen from the service address: {from_vip} of {})", replies.len());
     let elapsed = t0.elapsed().as_secs_f64();
 
-    println!("\n== UDP burst to 10.96.0.20:5353 for {} s from one client socket", args.burst_seconds);
+    println!(
+        "\n== UDP burst to 10.96.0.20:5353 for {} s from one client socket",
+        args.burst_seconds
+    );
     let b0 = read_stats(&stats).unwrap_or_default();
     let (sent, got, t) = udp_burst(client, echo, args.burst_seconds)?;
     std::thread::sleep(Duration::from_millis(400));
@@ -168,9 +210,20 @@ fn run(args: &Args) -> Result<(), String> {
     println!("(the client and the echo servers are kernel UDP sockets in this same process: they, not the dataplane, set this rate)");
 
     let after = read_stats(&stats).unwrap_or_default();
-    let d = |k: &str| after["totals"][k].as_u64().unwrap_or(0) - before["totals"][k].as_u64().unwrap_or(0);
+    let d = |k: &str| {
+        after["totals"][k].as_u64().unwrap_or(0) - before["totals"][k].as_u64().unwrap_or(0)
+    };
     println!("\n== dataplane counters for the request phase ({elapsed:.1} s) and burst");
-    println!("rx {}  tx {}  new flows {}  forward {}  reply {}  affinity hits {}  rejects {}", d("rx"), d("tx"), d("nat_new"), d("nat_forward"), d("nat_reply"), d("affinity_hits"), d("rejects_sent"));
+    println!(
+        "rx {}  tx {}  new flows {}  forward {}  reply {}  affinity hits {}  rejects {}",
+        d("rx"),
+        d("tx"),
+        d("nat_new"),
+        d("nat_forward"),
+        d("nat_reply"),
+        d("affinity_hits"),
+        d("rejects_sent")
+    );
     println!("drops: {}  kernel passes: {}", after["drops"], after["passes"]);
     for (ip, s) in &servers {
         println!("backend {ip}: served {}", s.served.load(std::sync::atomic::Ordering::Relaxed));
@@ -182,7 +235,12 @@ fn run(args: &Args) -> Result<(), String> {
     }
     let mut leftover = Vec::new();
     for p in &topo.pods {
-        if topo.node.ip(&["-d", "link", "show", &p.host_if]).unwrap_or_default().contains("prog/xdp") {
+        if topo
+            .node
+            .ip(&["-d", "link", "show", &p.host_if])
+            .unwrap_or_default()
+            .contains("prog/xdp")
+        {
             leftover.push(p.host_if.clone());
         }
     }
