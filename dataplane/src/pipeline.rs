@@ -839,6 +839,19 @@ fn icmp_error(
     // The quoted datagram travelled the other way: its reverse is the key this error's
     // direction would have.
     let Some((idx, dir)) = w.ct.lookup(&quoted.reversed(), now) else {
+        if w.workers > 1 && !w.local_only {
+            // The flow may be another worker's: its client side is the quoted datagram's
+            // destination when the client sent the error (to a service address), else its
+            // source.
+            let owner = if t.is_vip(outer_dst) {
+                owner_of(t, quoted.dst, quoted.dport, w.workers)
+            } else {
+                owner_of(t, quoted.src, quoted.sport, w.workers)
+            };
+            if owner != w.worker_id {
+                return Verdict::Handoff { worker: owner };
+            }
+        }
         return if t.is_vip(outer_dst) {
             Verdict::Drop(DropReason::IcmpToVip)
         } else {

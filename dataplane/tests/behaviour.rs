@@ -355,3 +355,39 @@ fn flows_are_owned_by_one_worker_whichever_worker_receives_them() {
     assert_eq!((w, v), (owner, Verdict::Tx { ifindex: IF_UPLINK }));
     assert_eq!(tuple(&back), (NODE_IP, NP_PORT, EXTERNAL, 7000));
 }
+
+#[test]
+fn icmp_errors_reach_the_worker_that_owns_the_flow() {
+    use dataplane::pipeline::{owner_of, Shared, WorkerConfig, WorkerState};
+    let t = tables();
+    let shared = Shared::new(1024, 1024);
+    let mut ws: Vec<WorkerState> = (0..2u16)
+        .map(|id| {
+            let cfg = WorkerConfig {
+                worker_id: id,
+                workers: 2,
+                conntrack_capacity: 1024,
+                ..WorkerConfig::default()
+            };
+            WorkerState::new(&cfg, &shared)
+        })
+        .collect();
+    // A port whose flow belongs to worker 1.
+    let port = (40000..41000u16).find(|&p| owner_of(&t, u32::from(ip(CLIENT)), p, 2) == 1).unwrap();
+    ws[1].local_only = true;
+    let (v, _) =
+        run(&t, &mut ws[1], IF_CLIENT, &udp(FROM_CLIENT, CLIENT, port, DNS_VIP, 53, 64, b"q"), 0);
+    ws[1].local_only = false;
+    assert_eq!(v, Verdict::Tx { ifindex: IF_BACKENDS });
+    // The backend's port unreachable about it arrives at worker 0: handed to worker 1.
+    let quote = l3(&udp(TO_BACKENDS, CLIENT, port, DNS_BACKEND, 5353, 63, b"q"))[..28].to_vec();
+    let unreach = etherparse::Icmpv4Type::DestinationUnreachable(
+        etherparse::icmpv4::DestUnreachableHeader::Port,
+    );
+    let err = icmp(FROM_BACKENDS, DNS_BACKEND, CLIENT, 64, unreach.clone(), &quote);
+    assert_eq!(run(&t, &mut ws[0], IF_BACKENDS, &err, 0).0, Verdict::Handoff { worker: 1 });
+    ws[1].local_only = true;
+    let (v, out) = run(&t, &mut ws[1], IF_BACKENDS, &err, 0);
+    assert_eq!(v, Verdict::Tx { ifindex: IF_CLIENT });
+    assert_eq!(&out[26..30], &DNS_VIP, "from the service address");
+}

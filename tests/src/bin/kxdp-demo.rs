@@ -202,7 +202,11 @@ fn run(args: &Args) -> Result<(), String> {
     let (sent, got, t) = udp_burst(client, echo, args.burst_seconds)?;
     std::thread::sleep(Duration::from_millis(400));
     let b1 = read_stats(&stats).unwrap_or_default();
-    let rx = b1["totals"]["rx"].as_u64().unwrap_or(0) - b0["totals"]["rx"].as_u64().unwrap_or(0);
+    // Frames one worker handed to another are counted on both: count them once.
+    let own = |r: &serde_json::Value| {
+        r["totals"]["rx"].as_u64().unwrap_or(0) - r["totals"]["handed_off"].as_u64().unwrap_or(0)
+    };
+    let rx = own(&b1) - own(&b0);
     println!(
         "sent {sent}, echoed back {got}; the dataplane handled {rx} packets (both directions): {:.0} packets/s",
         rx as f64 / t
