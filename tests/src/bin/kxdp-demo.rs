@@ -219,8 +219,9 @@ fn run(args: &Args) -> Result<(), String> {
     };
     println!("\n== dataplane counters for the request phase ({elapsed:.1} s) and burst");
     println!(
-        "rx {}  tx {}  new flows {}  forward {}  reply {}  affinity hits {}  rejects {}",
+        "rx {} (of which handed between workers {})  tx {}  new flows {}  forward {}  reply {}  affinity hits {}  rejects {}",
         d("rx"),
+        d("handed_off"),
         d("tx"),
         d("nat_new"),
         d("nat_forward"),
