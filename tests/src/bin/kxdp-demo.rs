@@ -113,8 +113,9 @@ fn run(args: &Args) -> Result<(), String> {
         let s = if b.ip.octets()[3] / 10 == 2 { udp_echo(b, 5353)? } else { http_server(b, 8080)? };
         servers.push((b.ip, s));
     }
-    let cores: Vec<usize> =
-        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    // One core is left to the clients and servers of the demo itself (they share the machine).
+    let ncores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores: Vec<usize> = (0..ncores.saturating_sub(1).max(1)).collect();
     let (cfg, socket) = write_node_config(&topo, &cores)?;
     let stats = topo.dir.join("stats.json");
     let mut dp = start_dataplane(&topo, &cfg, &stats, "dataplane.log")?;
