@@ -296,12 +296,11 @@ fn random_spreads_new_flows_over_backends() {
     }
 }
 
-#[test]
-fn flows_are_owned_by_one_worker_whichever_worker_receives_them() {
-    use dataplane::pipeline::{owner_of, Shared, WorkerConfig, WorkerState};
-    let t = tables();
+/// Two workers sharing affinity and connection counts, as the I/O loop sets them up.
+fn two_workers() -> Vec<dataplane::WorkerState> {
+    use dataplane::pipeline::{Shared, WorkerConfig, WorkerState};
     let shared = Shared::new(1024, 1024);
-    let mut workers: Vec<WorkerState> = (0..2u16)
+    (0..2u16)
         .map(|id| {
             let cfg = WorkerConfig {
                 worker_id: id,
@@ -311,7 +310,14 @@ fn flows_are_owned_by_one_worker_whichever_worker_receives_them() {
             };
             WorkerState::new(&cfg, &shared)
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn flows_are_owned_by_one_worker_whichever_worker_receives_them() {
+    use dataplane::pipeline::{owner_of, WorkerState};
+    let t = tables();
+    let mut workers: Vec<WorkerState> = two_workers();
     // Deliver a frame to worker `at`, following hand-offs as the I/O loop does.
     let deliver = |ws: &mut Vec<WorkerState>, at: usize, ifindex: u32, pkt: &[u8]| {
         let (v, out) = run(&t, &mut ws[at], ifindex, pkt, 0);
@@ -358,20 +364,9 @@ fn flows_are_owned_by_one_worker_whichever_worker_receives_them() {
 
 #[test]
 fn icmp_errors_reach_the_worker_that_owns_the_flow() {
-    use dataplane::pipeline::{owner_of, Shared, WorkerConfig, WorkerState};
+    use dataplane::pipeline::owner_of;
     let t = tables();
-    let shared = Shared::new(1024, 1024);
-    let mut ws: Vec<WorkerState> = (0..2u16)
-        .map(|id| {
-            let cfg = WorkerConfig {
-                worker_id: id,
-                workers: 2,
-                conntrack_capacity: 1024,
-                ..WorkerConfig::default()
-            };
-            WorkerState::new(&cfg, &shared)
-        })
-        .collect();
+    let mut ws = two_workers();
     // A port whose flow belongs to worker 1.
     let port = (40000..41000u16).find(|&p| owner_of(&t, u32::from(ip(CLIENT)), p, 2) == 1).unwrap();
     ws[1].local_only = true;
