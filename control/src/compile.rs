@@ -551,10 +551,7 @@ impl Compiler {
                     continue;
                 }
             };
-            let name = format!(
-                "{key}:{}",
-                port_label.clone().unwrap_or_else(|| port.to_string())
-            );
+            let name = format!("{key}:{}", port_label.clone().unwrap_or_else(|| port.to_string()));
             let node_port = match sp.node_port {
                 None | Some(0) => None,
                 Some(n) => match u16::try_from(n) {
@@ -579,13 +576,15 @@ impl Compiler {
 
             let mut internal_fe = BTreeMap::new();
             for &ip in &settings.cluster_ips {
-                internal_fe.insert(FrontendKey::new(ip, port, proto), (FrontendKind::ClusterIp, false));
+                internal_fe
+                    .insert(FrontendKey::new(ip, port, proto), (FrontendKind::ClusterIp, false));
             }
             let mut external_fe = BTreeMap::new();
             let masq = !settings.external_local;
             if let Some(np) = node_port {
                 for &ip in &self.node_ips {
-                    external_fe.insert(FrontendKey::new(ip, np, proto), (FrontendKind::NodePort, masq));
+                    external_fe
+                        .insert(FrontendKey::new(ip, np, proto), (FrontendKind::NodePort, masq));
                 }
             }
             for &ip in &settings.lb_ips {
@@ -710,10 +709,16 @@ impl Compiler {
                 false
             }
         };
-        let internal_local =
-            policy(self, spec.internal_traffic_policy.as_deref(), "service_invalid_internal_policy");
-        let external_local =
-            policy(self, spec.external_traffic_policy.as_deref(), "service_invalid_external_policy");
+        let internal_local = policy(
+            self,
+            spec.internal_traffic_policy.as_deref(),
+            "service_invalid_internal_policy",
+        );
+        let external_local = policy(
+            self,
+            spec.external_traffic_policy.as_deref(),
+            "service_invalid_external_policy",
+        );
 
         let affinity_timeout_s = match spec.session_affinity.as_deref() {
             None | Some("None") => None,
@@ -975,7 +980,9 @@ fn topology_mode<'a>(
 }
 
 fn same_port(a: &CompiledPort, b: &CompiledPort) -> bool {
-    a.port.spec() == b.port.spec() && a.port.backends() == b.port.backends() && a.frontends == b.frontends
+    a.port.spec() == b.port.spec()
+        && a.port.backends() == b.port.backends()
+        && a.frontends == b.frontends
 }
 
 /// Parses an algorithm name: the serde (kebab-case) names of [`Algorithm`] or IPVS names.

@@ -69,7 +69,10 @@ fn main() -> anyhow::Result<()> {
         zone: args.zone.clone(),
     };
     let source = if args.kubeconfig.is_some() || args.master.is_some() {
-        Source::Kube(ClientOptions { kubeconfig: args.kubeconfig.clone(), master: args.master.clone() })
+        Source::Kube(ClientOptions {
+            kubeconfig: args.kubeconfig.clone(),
+            master: args.master.clone(),
+        })
     } else if let Some(dir) = &args.manifests {
         Source::Manifests(dir.clone())
     } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {

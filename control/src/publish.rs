@@ -305,9 +305,8 @@ fn session(
         if let Some(msg) = st.next_message() {
             let snapshot = matches!(msg, ToDataplane::Snapshot { .. });
             let sent_gen = match &msg {
-                ToDataplane::Snapshot { generation, .. } | ToDataplane::Delta { generation, .. } => {
-                    *generation
-                }
+                ToDataplane::Snapshot { generation, .. }
+                | ToDataplane::Delta { generation, .. } => *generation,
             };
             if let Err(e) = write_frame(&mut stream, &msg) {
                 tracing::warn!(error = %e, "publish: send failed; reconnecting");

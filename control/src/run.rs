@@ -31,7 +31,12 @@ pub struct Controller {
 impl Controller {
     /// A controller for the node described by `ctx`.
     pub fn new(ctx: NodeContext) -> Self {
-        Self { store: Store::new(), compiler: Compiler::new(ctx), listed: BTreeSet::new(), started: false }
+        Self {
+            store: Store::new(),
+            compiler: Compiler::new(ctx),
+            listed: BTreeSet::new(),
+            started: false,
+        }
     }
     /// The store.
     pub fn store(&self) -> &Store {

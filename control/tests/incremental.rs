@@ -24,10 +24,8 @@ fn svc(name: &str, ip: &str, extra: &str) -> String {
 }
 
 fn slice(svc: &str, ips: &[&str]) -> String {
-    let eps: String = ips
-        .iter()
-        .map(|ip| format!("  - {{addresses: [{ip}], nodeName: node-1}}\n"))
-        .collect();
+    let eps: String =
+        ips.iter().map(|ip| format!("  - {{addresses: [{ip}], nodeName: node-1}}\n")).collect();
     format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-1\n  \
          namespace: ns\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\n\
@@ -40,7 +38,11 @@ fn setup(yaml: &str) -> (Store, Compiler) {
     store.apply_all(replace_events(objs(yaml)));
     store.take_changes();
     let mut c = Compiler::with_ids(
-        NodeContext { name: "node-1".into(), addresses: vec!["192.168.1.10".parse().unwrap()], zone: None },
+        NodeContext {
+            name: "node-1".into(),
+            addresses: vec!["192.168.1.10".parse().unwrap()],
+            zone: None,
+        },
         Ids::new(Duration::from_secs(60)),
     );
     let d = c.compile_all(&store);
@@ -73,7 +75,11 @@ fn endpoint_change_rebuilds_only_its_service() {
     assert!(d.removals.is_empty());
     assert_eq!(d.upserts[0].port.spec().name, "ns/a:http");
     assert_eq!(d.upserts[0].id(), before[0].id(), "service id stable");
-    assert_eq!(d.upserts[0].port.backends()[0].id, before[0].port.backends()[0].id, "backend id stable");
+    assert_eq!(
+        d.upserts[0].port.backends()[0].id,
+        before[0].port.backends()[0].id,
+        "backend id stable"
+    );
     assert!(Arc::ptr_eq(&c.ports()[&before[1].id()], &before[1]), "b untouched, same Arc");
 
     // The same slice again: nothing to do, generation unchanged.
@@ -84,7 +90,8 @@ fn endpoint_change_rebuilds_only_its_service() {
 
 #[test]
 fn deleted_service_is_removed_and_its_id_returns_within_the_grace() {
-    let (mut store, mut c) = setup(&format!("{}{}", svc("a", "10.96.0.1", ""), slice("a", &["10.244.0.1"])));
+    let (mut store, mut c) =
+        setup(&format!("{}{}", svc("a", "10.96.0.1", ""), slice("a", &["10.244.0.1"])));
     let id = *c.ports().keys().next().unwrap();
     store.apply(Event::Delete(Kind::Service, ObjKey::new("ns", "a")));
     let ch = store.take_changes();
@@ -101,7 +108,8 @@ fn deleted_service_is_removed_and_its_id_returns_within_the_grace() {
 #[test]
 fn frontend_conflict_is_handed_over_when_the_owner_leaves() {
     let ext = "  externalIPs: [198.51.100.1]\n";
-    let (mut store, mut c) = setup(&format!("{}{}", svc("a", "10.96.0.1", ext), svc("b", "10.96.0.2", ext)));
+    let (mut store, mut c) =
+        setup(&format!("{}{}", svc("a", "10.96.0.1", ext), svc("b", "10.96.0.2", ext)));
     assert_eq!(c.skips().get("frontend_conflict"), 1);
     let b_id = c.ports().values().find(|p| p.port.spec().name == "ns/b:http").unwrap().id();
     assert_eq!(c.ports()[&b_id].frontends.len(), 1, "b has only its ClusterIP");
@@ -118,15 +126,14 @@ fn frontend_conflict_is_handed_over_when_the_owner_leaves() {
 fn traffic_policy_change_splits_a_port_and_node_zone_change_recompiles() {
     let base = format!(
         "{}{}",
-        svc("a", "10.96.0.1", "  type: NodePort\n").replace(
-            "- {name: http, port: 80}",
-            "- {name: http, port: 80, nodePort: 30080}"
-        ),
+        svc("a", "10.96.0.1", "  type: NodePort\n")
+            .replace("- {name: http, port: 80}", "- {name: http, port: 80, nodePort: 30080}"),
         slice("a", &["10.244.0.1"])
     );
     let (mut store, mut c) = setup(&base);
     assert_eq!(c.ports().len(), 1);
-    let local = base.replace("  type: NodePort\n", "  type: NodePort\n  externalTrafficPolicy: Local\n");
+    let local =
+        base.replace("  type: NodePort\n", "  type: NodePort\n  externalTrafficPolicy: Local\n");
     let d = apply(&mut store, &mut c, &local);
     let names: Vec<_> = d.upserts.iter().map(|p| p.port.spec().name.clone()).collect();
     assert_eq!(names, ["ns/a:http", "ns/a:http (external)"]);

@@ -102,7 +102,9 @@ impl ApiServer {
     fn delete(&self, obj: &Value) {
         let mut d = self.data.lock().unwrap();
         let path = path_of(obj);
-        let Some(mut old) = d.objects.entry(path).or_default().remove(&obj_key(obj)) else { return };
+        let Some(mut old) = d.objects.entry(path).or_default().remove(&obj_key(obj)) else {
+            return;
+        };
         d.rv += 1;
         let rv = d.rv;
         old["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -122,14 +124,20 @@ impl ApiServer {
         self.cut.send_modify(|v| *v += 1);
     }
 
-    async fn handle(State(s): State<ApiServer>, uri: Uri, Query(q): Query<BTreeMap<String, String>>) -> Response {
-        let Some(&(path, api_version, kind)) = KINDS.iter().find(|(p, _, _)| *p == uri.path()) else {
+    async fn handle(
+        State(s): State<ApiServer>,
+        uri: Uri,
+        Query(q): Query<BTreeMap<String, String>>,
+    ) -> Response {
+        let Some(&(path, api_version, kind)) = KINDS.iter().find(|(p, _, _)| *p == uri.path())
+        else {
             return (StatusCode::NOT_FOUND, "not found").into_response();
         };
         let watching = q.get("watch").is_some_and(|v| v == "1" || v == "true");
         if !watching {
             let d = s.data.lock().unwrap();
-            let items: Vec<Value> = d.objects.get(path).map(|m| m.values().cloned().collect()).unwrap_or_default();
+            let items: Vec<Value> =
+                d.objects.get(path).map(|m| m.values().cloned().collect()).unwrap_or_default();
             let body = json!({
                 "apiVersion": api_version,
                 "kind": format!("{kind}List"),
@@ -251,7 +259,11 @@ fn web_backends(t: &Tables) -> Vec<String> {
 async fn wait_for(what: &str, live: &ArcSwap<Tables>, f: impl Fn(&Tables) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !f(&live.load()) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}; web = {:?}", web_backends(&live.load()));
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; web = {:?}",
+            web_backends(&live.load())
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -280,7 +292,8 @@ async fn kube_watch_lists_watches_relists_and_never_publishes_empty() {
         let observed = observed.clone();
         tokio::spawn(async move {
             let mut applier = Applier::new(live.clone());
-            let mut controller = Controller::new(NodeContext { name: "node-1".into(), ..Default::default() });
+            let mut controller =
+                Controller::new(NodeContext { name: "node-1".into(), ..Default::default() });
             drive(rx, &mut controller, |_, diff| {
                 let msg = ToDataplane::Delta {
                     base: applier.generation(),
@@ -338,7 +351,8 @@ async fn kube_watch_lists_watches_relists_and_never_publishes_empty() {
     // It comes back (same data, same address) with a change made while it was down.
     api.put(slice(&["10.244.1.3", "10.244.1.4", "10.244.1.5"]));
     let (_, server2) = api.serve(addr).await;
-    wait_for("converged after the API server returned", &live, |t| web_backends(t).len() == 3).await;
+    wait_for("converged after the API server returned", &live, |t| web_backends(t).len() == 3)
+        .await;
 
     assert_eq!(observed.lock().unwrap().went_empty, 0, "tables went empty before the deletion");
 

@@ -29,7 +29,11 @@ fn demo_controller() -> (Controller, control::compile::Diff) {
 
 fn dataplane_tables() -> Arc<ArcSwap<Tables>> {
     let mut routes = Routes::default();
-    routes.add_prefix(Ipv4Addr::new(10, 200, 0, 0), 16, NextHop { ifindex: 3, src_mac: [2; 6], dst_mac: [4; 6] });
+    routes.add_prefix(
+        Ipv4Addr::new(10, 200, 0, 0),
+        16,
+        NextHop { ifindex: 3, src_mac: [2; 6], dst_mac: [4; 6] },
+    );
     let t = Tables::builder(0).routes(routes).snat_ip(Some(Ipv4Addr::new(10, 200, 0, 1))).build();
     Arc::new(ArcSwap::from_pointee(t))
 }
@@ -84,9 +88,7 @@ impl Sampler {
 }
 
 fn web_backends(t: &Tables) -> usize {
-    t.services()
-        .find(|s| s.spec().name == "demo/web:http")
-        .map_or(0, |s| s.backends().len())
+    t.services().find(|s| s.spec().name == "demo/web:http").map_or(0, |s| s.backends().len())
 }
 
 #[test]
@@ -96,7 +98,9 @@ fn snapshot_deltas_control_restart_and_dataplane_restart() {
 
     // The dataplane.
     let live = dataplane_tables();
-    let server = Server::spawn(&sock, Arc::new(parking_lot::Mutex::new(Applier::new(live.clone())))).unwrap();
+    let server =
+        Server::spawn(&sock, Arc::new(parking_lot::Mutex::new(Applier::new(live.clone()))))
+            .unwrap();
     let sampler = Sampler::start(live.clone());
 
     // Control: snapshot.
@@ -123,10 +127,15 @@ fn snapshot_deltas_control_restart_and_dataplane_restart() {
     assert_eq!((d.upserts.len(), d.removals.len()), (1, 0), "only web changes");
     publisher.send(d);
     let d = ctl
-        .handle([Event::Delete(control::store::Kind::Service, control::store::ObjKey::new("demo", "echo"))])
+        .handle([Event::Delete(
+            control::store::Kind::Service,
+            control::store::ObjKey::new("demo", "echo"),
+        )])
         .expect("diff");
     publisher.send(d);
-    wait_for("two deltas", || publisher.status().deltas >= 1 && live.load().services().count() == 3);
+    wait_for("two deltas", || {
+        publisher.status().deltas >= 1 && live.load().services().count() == 3
+    });
     assert_eq!(web_backends(&live.load()), 2);
     let deltas = publisher.status().deltas;
     assert!(deltas == 1 || deltas == 2, "queued diffs may merge: {deltas}");
@@ -145,7 +154,9 @@ fn snapshot_deltas_control_restart_and_dataplane_restart() {
     // Dataplane restart: a new server process with empty tables gets a full snapshot.
     server.shutdown();
     let live2 = dataplane_tables();
-    let server2 = Server::spawn(&sock, Arc::new(parking_lot::Mutex::new(Applier::new(live2.clone())))).unwrap();
+    let server2 =
+        Server::spawn(&sock, Arc::new(parking_lot::Mutex::new(Applier::new(live2.clone()))))
+            .unwrap();
     wait_for("snapshot to the new dataplane", || publisher2.status().snapshots == 2);
     assert_eq!(live2.load().services().count(), 4);
     let st: PublishStatus = publisher2.status();

@@ -75,8 +75,7 @@ fn parse_value(
     }
     let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
     if kind == "List" && depth == 0 {
-        if let Some(serde_yaml::Value::Sequence(items)) = doc.get_mut("items").map(std::mem::take)
-        {
+        if let Some(serde_yaml::Value::Sequence(items)) = doc.get_mut("items").map(std::mem::take) {
             for item in items {
                 parse_value(item, origin, index, skips, out, 1);
             }
@@ -129,9 +128,9 @@ pub fn replace_events(objects: Vec<Object>) -> Vec<Event> {
 /// objects compared) on every pass until their stamp is old enough, as git does for "racily
 /// clean" files. This costs reading only the files touched in the last [`RACY_WINDOW`].
 fn recent(stamp: Stamp) -> bool {
-    stamp.mtime.is_none_or(|m| {
-        SystemTime::now().duration_since(m).map_or(true, |age| age < RACY_WINDOW)
-    })
+    stamp
+        .mtime
+        .is_none_or(|m| SystemTime::now().duration_since(m).map_or(true, |age| age < RACY_WINDOW))
 }
 
 /// See [`recent`].
@@ -292,7 +291,8 @@ mod tests {
     use super::*;
     use crate::store::Store;
 
-    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n";
+    const SVC: &str =
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n";
 
     #[test]
     fn multi_doc_list_default_namespace_and_bad_documents() {
