@@ -302,6 +302,7 @@ impl Dataplane {
                 stats: st,
                 stop: stop.clone(),
                 idle_polls_before_sleep: cfg.idle_polls_before_sleep,
+                local: Default::default(),
             };
             let ready = ready.clone();
             threads.push(

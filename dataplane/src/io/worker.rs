@@ -106,6 +106,18 @@ pub struct WorkerStats {
     pub idle_rounds: AtomicU64,
 }
 
+/// A worker's I/O counters, plain integers it alone writes; copied into [`WorkerStats`] with
+/// the pipeline counters every ~100 ms, so the per-packet path touches no atomic.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IoCounters {
+    transmitted: u64,
+    handed_off: u64,
+    tx_dropped: u64,
+    punted: u64,
+    punt_failed: u64,
+    idle_rounds: u64,
+}
+
 /// Everything a worker owns.
 pub struct Worker {
     /// Index of the worker.
@@ -132,6 +144,8 @@ pub struct Worker {
     pub stop: Arc<AtomicBool>,
     /// Empty rounds before sleeping in poll(2) (0: never).
     pub idle_polls_before_sleep: u32,
+    /// I/O counters (published with the rest).
+    pub local: IoCounters,
 }
 
 fn monotonic_ns(start: Instant) -> u64 {
@@ -232,7 +246,7 @@ impl Worker {
             }
             if got == 0 {
                 idle = idle.saturating_add(1);
-                self.stats.idle_rounds.fetch_add(1, Ordering::Relaxed);
+                self.local.idle_rounds += 1;
                 if self.idle_polls_before_sleep > 0 && idle > self.idle_polls_before_sleep {
                     // SAFETY: `pollfds` is a valid array of pollfd of the given length.
                     unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, 1) };
@@ -251,6 +265,13 @@ impl Worker {
         *self.stats.counters.lock() = self.state.counters.clone();
         self.stats.flows.store(self.state.ct.len() as u64, Ordering::Relaxed);
         self.stats.evictions.store(self.state.ct.stats().evicted, Ordering::Relaxed);
+        let l = self.local;
+        self.stats.transmitted.store(l.transmitted, Ordering::Relaxed);
+        self.stats.handed_off.store(l.handed_off, Ordering::Relaxed);
+        self.stats.tx_dropped.store(l.tx_dropped, Ordering::Relaxed);
+        self.stats.punted.store(l.punted, Ordering::Relaxed);
+        self.stats.punt_failed.store(l.punt_failed, Ordering::Relaxed);
+        self.stats.idle_rounds.store(l.idle_rounds, Ordering::Relaxed);
     }
 
     #[inline]
@@ -264,7 +285,7 @@ impl Worker {
     ) {
         match verdict {
             Verdict::Tx { ifindex } if ifindex == self.ports[pi].ifindex => {
-                self.stats.transmitted.fetch_add(1, Ordering::Relaxed);
+                self.local.transmitted += 1;
                 self.ports[pi].queue_tx(desc, len);
             }
             verdict => {
@@ -293,23 +314,23 @@ impl Worker {
                 } else if let Some(inbox) = self.handoff.inboxes.get(&ifindex) {
                     let ok = self.handoff.push(inbox, data, ifindex);
                     if ok {
-                        self.stats.handed_off.fetch_add(1, Ordering::Relaxed);
+                        self.local.handed_off += 1;
                     }
                     ok
                 } else {
                     false
                 };
                 if ok {
-                    self.stats.transmitted.fetch_add(1, Ordering::Relaxed);
+                    self.local.transmitted += 1;
                 } else {
-                    self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.local.tx_dropped += 1;
                 }
             }
             Verdict::Pass(_) => {
                 if self.punt.as_ref().is_some_and(|p| p.send(data)) {
-                    self.stats.punted.fetch_add(1, Ordering::Relaxed);
+                    self.local.punted += 1;
                 } else {
-                    self.stats.punt_failed.fetch_add(1, Ordering::Relaxed);
+                    self.local.punt_failed += 1;
                 }
             }
             Verdict::Handoff { worker } => {
@@ -319,9 +340,9 @@ impl Worker {
                     .get(usize::from(worker))
                     .is_some_and(|q| self.handoff.push(q, data, ingress));
                 if ok {
-                    self.stats.handed_off.fetch_add(1, Ordering::Relaxed);
+                    self.local.handed_off += 1;
                 } else {
-                    self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.local.tx_dropped += 1;
                 }
             }
             Verdict::Drop(_) => {}
@@ -378,7 +399,7 @@ impl Worker {
             for _ in 0..BATCH {
                 let Some(h) = inbox.pop() else { break };
                 if !self.ports[qi].queue_copy(&h.data[..h.len]) {
-                    self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.local.tx_dropped += 1;
                 }
                 let _ = self.handoff.pool.push(h.data);
                 moved = true;
