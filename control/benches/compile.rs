@@ -27,7 +27,12 @@ const SERVICES: u32 = 10_000;
 const ENDPOINTS: u32 = 10;
 
 fn meta(name: &str, labels: Option<BTreeMap<String, String>>) -> ObjectMeta {
-    ObjectMeta { name: Some(name.into()), namespace: Some("bench".into()), labels, ..Default::default() }
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some("bench".into()),
+        labels,
+        ..Default::default()
+    }
 }
 
 fn service(i: u32) -> Object {
@@ -37,7 +42,11 @@ fn service(i: u32) -> Object {
         spec: Some(ServiceSpec {
             cluster_ip: Some(ip.clone()),
             cluster_ips: Some(vec![ip]),
-            ports: Some(vec![ServicePort { name: Some("http".into()), port: 80, ..Default::default() }]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
         status: None,
@@ -157,7 +166,11 @@ fn report() {
         ctl.push(t1 - t0);
         dp.push(t2 - t1);
     }
-    for (name, v) in [("total", &mut total), ("control (store+compile+encode)", &mut ctl), ("dataplane apply (tables.next + publish)", &mut dp)] {
+    for (name, v) in [
+        ("total", &mut total),
+        ("control (store+compile+encode)", &mut ctl),
+        ("dataplane apply (tables.next + publish)", &mut dp),
+    ] {
         println!(
             "one endpoint change, {name}: p50 {:.1} us, p99 {:.1} us, max {:.1} us ({iters} iterations)",
             pct(v, 0.5).as_secs_f64() * 1e6,
