@@ -2,6 +2,8 @@
 //!
 //! Addresses are fictional and only ever used in memory (or inside test network namespaces).
 
+pub mod kubeproxy;
+
 use std::net::Ipv4Addr;
 
 use dataplane::balance::Algorithm;
