@@ -312,12 +312,7 @@ pub fn icmp(
     ty: etherparse::Icmpv4Type,
     payload: &[u8],
 ) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(l2.src, l2.dst)
-        .ip(IpHeaders::Ipv4(ipv4(src, dst, ttl, 0x1234), Default::default()))
-        .icmpv4(ty);
-    let mut out = Vec::new();
-    b.write(&mut out, payload).unwrap();
-    out
+    icmp_with_id(l2, src, dst, ttl, 0x1234, ty, payload)
 }
 
 /// Like [`icmp`] with the IP id and DF of a locally built reply (id 0, DF).
@@ -329,8 +324,20 @@ pub fn icmp_reply(
     ty: etherparse::Icmpv4Type,
     payload: &[u8],
 ) -> Vec<u8> {
+    icmp_with_id(l2, src, dst, ttl, 0, ty, payload)
+}
+
+fn icmp_with_id(
+    l2: L2,
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    id: u16,
+    ty: etherparse::Icmpv4Type,
+    payload: &[u8],
+) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(l2.src, l2.dst)
-        .ip(IpHeaders::Ipv4(ipv4(src, dst, ttl, 0), Default::default()))
+        .ip(IpHeaders::Ipv4(ipv4(src, dst, ttl, id), Default::default()))
         .icmpv4(ty);
     let mut out = Vec::new();
     b.write(&mut out, payload).unwrap();
