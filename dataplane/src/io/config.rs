@@ -147,6 +147,14 @@ pub struct NodeConfig {
     /// The control socket the control plane connects to.
     #[serde(default = "default_socket")]
     pub control_socket: PathBuf,
+    /// The inspect socket `kxdp-inspect` talks to (default: `inspect.sock` next to the
+    /// control socket).
+    #[serde(default)]
+    pub inspect_socket: Option<PathBuf>,
+    /// Where Prometheus metrics are served over HTTP (`null`: not served). Loopback by default:
+    /// the dataplane runs in the host network, so any other address is reachable from outside.
+    #[serde(default = "default_metrics")]
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Address used to source-NAT (masquerade, hairpin).
     #[serde(default)]
     pub snat_ip: Option<Ipv4Addr>,
@@ -177,6 +185,9 @@ fn default_true() -> bool {
 }
 fn default_socket() -> PathBuf {
     PathBuf::from("/run/kxdp/control.sock")
+}
+fn default_metrics() -> Option<std::net::SocketAddr> {
+    Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9964)))
 }
 fn default_frames() -> u32 {
     4096
@@ -229,6 +240,13 @@ impl NodeConfig {
             .map_err(|source| ConfigError::Parse { path: PathBuf::new(), source })?;
         c.check()?;
         Ok(c)
+    }
+
+    /// The inspect socket: `inspect_socket`, or `inspect.sock` next to the control socket.
+    pub fn inspect_socket_path(&self) -> PathBuf {
+        self.inspect_socket
+            .clone()
+            .unwrap_or_else(|| self.control_socket.with_file_name("inspect.sock"))
     }
 
     fn check(&self) -> Result<(), ConfigError> {
