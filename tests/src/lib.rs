@@ -486,6 +486,24 @@ pub fn push_snapshot(
     }
 }
 
+/// The demo topology (a client pod and the backends of [`DEMO_PODS`]) with neighbours
+/// resolved, UDP echo servers on port 5353 of the echo backends and HTTP servers on port 8080
+/// of the others, serving until dropped.
+pub fn demo_topology(tag: &str) -> Result<(Topology, Vec<Server>), String> {
+    let pods: Vec<Ipv4Addr> = DEMO_PODS.iter().map(|a| Ipv4Addr::from(*a)).collect();
+    let topo = Topology::build(tag, &pods)?;
+    topo.resolve_neighbours()?;
+    let mut servers = Vec::new();
+    for b in &topo.pods[1..] {
+        if b.ip.octets()[3] / 10 == 2 {
+            servers.push(udp_echo(b, 5353)?);
+        } else {
+            servers.push(http_server(b, 8080)?);
+        }
+    }
+    Ok((topo, servers))
+}
+
 /// Demo addresses: the client pod first, then the backends of web, echo and sticky.
 pub const DEMO_PODS: [[u8; 4]; 8] = [
     [10, 200, 0, 2],

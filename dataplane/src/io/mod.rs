@@ -8,6 +8,8 @@
 //! before the sockets close, then stop and join the workers.
 
 pub mod config;
+pub mod inspect;
+pub mod metrics;
 pub mod plan;
 pub mod punt;
 pub mod worker;
@@ -67,10 +69,21 @@ pub enum StartError {
     /// Discovering queues and IRQs failed.
     #[error("planning queues and IRQs: {0}")]
     Plan(String),
+    /// The inspect socket or the metrics listener could not be opened.
+    #[error("{what}: {source}")]
+    Ops {
+        /// Which (socket path or address).
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// Reading the kernel's tables failed.
     #[error("reading next hops from the kernel: {0}")]
     Netlink(String),
 }
+
+/// Frames a capture session can hold in flight (2 KiB each, allocated at start).
+const CAPTURE_FRAMES: usize = 4096;
 
 /// Receive queues of an interface, from sysfs (at least 1).
 pub fn rx_queues(iface: &str) -> u32 {
@@ -207,6 +220,10 @@ pub struct Dataplane {
     attachments: Vec<xdp_redirect::Attachment>,
     managed: Vec<u32>,
     started: Instant,
+    // Ops (io::inspect, io::metrics): started after the workers, stopped before them.
+    ops: Option<Arc<inspect::Context>>,
+    inspect: Option<inspect::InspectServer>,
+    metrics: Option<metrics::MetricsServer>,
 }
 
 impl Dataplane {
@@ -279,6 +296,8 @@ impl Dataplane {
         let ready = Arc::new(std::sync::Barrier::new(busy + 1));
         let mut threads = Vec::new();
         let mut stats = Vec::new();
+        let capture = Arc::new(crate::capture::Capture::new(CAPTURE_FRAMES));
+        let mut requests = Vec::new();
         for (id, (core, ports)) in running.into_iter().enumerate() {
             let wcfg = WorkerConfig {
                 worker_id: id as u16,
@@ -289,6 +308,8 @@ impl Dataplane {
             };
             let st = Arc::new(WorkerStats::default());
             stats.push(st.clone());
+            let (req_tx, req_rx) = inspect::channel();
+            requests.push(req_tx);
             let w = Worker {
                 id,
                 core: Some(core),
@@ -303,6 +324,7 @@ impl Dataplane {
                 stop: stop.clone(),
                 idle_polls_before_sleep: cfg.idle_polls_before_sleep,
                 local: Default::default(),
+                ops: Some(inspect::WorkerOps { requests: req_rx, capture: capture.clone() }),
             };
             let ready = ready.clone();
             threads.push(
@@ -316,6 +338,16 @@ impl Dataplane {
             );
         }
         ready.wait();
+        let ops = Arc::new(inspect::Context {
+            node: cfg.node_name.clone(),
+            started,
+            live: live.clone(),
+            applier: applier.clone(),
+            stats: stats.clone(),
+            workers: requests,
+            conns: shared.conns.clone(),
+            capture,
+        });
 
         let mut dp = Dataplane {
             cfg,
@@ -329,13 +361,46 @@ impl Dataplane {
             attachments: Vec::new(),
             managed,
             started,
+            ops: Some(ops),
+            inspect: None,
+            metrics: None,
         };
+        if let Err(e) = dp.start_ops() {
+            dp.shutdown();
+            return Err(e);
+        }
         // XDP last: one program instance (own socket map) per interface.
         if let Err(e) = dp.attach_xdp(&fds) {
             dp.shutdown();
             return Err(e);
         }
         Ok(dp)
+    }
+
+    /// Opens the inspect socket and the metrics listener.
+    fn start_ops(&mut self) -> Result<(), StartError> {
+        let Some(ctx) = self.ops.clone() else { return Ok(()) };
+        let path = self.cfg.inspect_socket_path();
+        let server = inspect::InspectServer::spawn(&path, ctx.clone())
+            .map_err(|source| StartError::Ops { what: path.display().to_string(), source })?;
+        tracing::info!(socket = %path.display(), "inspect socket listening");
+        self.inspect = Some(server);
+        if let Some(addr) = self.cfg.metrics_address {
+            let m = metrics::MetricsServer::spawn(addr, metrics::registry(ctx))
+                .map_err(|source| StartError::Ops { what: format!("metrics on {addr}"), source })?;
+            self.metrics = Some(m);
+        }
+        Ok(())
+    }
+
+    /// The metrics listener's address, when serving.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.addr())
+    }
+
+    /// What the inspect socket and the metrics read.
+    pub fn ops(&self) -> Option<&Arc<inspect::Context>> {
+        self.ops.as_ref()
     }
 
     fn attach_xdp(&mut self, fds: &[(String, u32, u32, i32)]) -> Result<(), StartError> {
@@ -456,6 +521,13 @@ impl Dataplane {
             }
         }
         self.progs.clear();
+        // Ops servers ask the workers: stop them while the workers still answer.
+        if let Some(mut m) = self.metrics.take() {
+            m.shutdown();
+        }
+        if let Some(mut i) = self.inspect.take() {
+            i.shutdown();
+        }
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -22,8 +22,10 @@ use parking_lot::Mutex;
 use xsk_rs::FrameDesc;
 
 use super::config::Mode;
+use super::inspect::{self, WorkerOps};
 use super::punt::Punt;
 use super::xsk::Port;
+use crate::capture;
 use crate::counters::{Counters, PassReason};
 use crate::pipeline::{process_batch, Frame, Verdict, WorkerState};
 use crate::tables::Tables;
@@ -146,6 +148,8 @@ pub struct Worker {
     pub idle_polls_before_sleep: u32,
     /// I/O counters (published with the rest).
     pub local: IoCounters,
+    /// Inspect requests and packet capture (`None`: not inspected, as in tests).
+    pub ops: Option<WorkerOps>,
 }
 
 fn monotonic_ns(start: Instant) -> u64 {
@@ -211,6 +215,11 @@ impl Worker {
                                 Frame { buf: &mut [], len: 0, ifindex: 0 }
                             }
                         });
+                        // Ops hook: capture before and after the pipeline (crate::capture).
+                        let cap = self.ops.as_ref().map(|o| &*o.capture).filter(|c| c.active());
+                        if let Some(c) = cap {
+                            capture::offer_batch(c, &frames[..n], None, self.id as u16);
+                        }
                         process_batch(
                             &mut frames[..n],
                             &mut verdicts[..n],
@@ -218,6 +227,10 @@ impl Worker {
                             &mut self.state,
                             now,
                         );
+                        if let Some(c) = cap {
+                            let v = Some(&verdicts[..n]);
+                            capture::offer_batch(c, &frames[..n], v, self.id as u16);
+                        }
                         for (l, f) in lens.iter_mut().zip(frames.iter()).take(n) {
                             *l = f.len;
                         }
@@ -240,6 +253,16 @@ impl Worker {
             }
             self.drain_inboxes(&local);
             self.state.ct.gc(now, GC_BUDGET);
+            // Ops hook: answer inspect requests (conntrack, counters, flow query) between
+            // rounds, never in the middle of a batch (io::inspect).
+            if let Some(ops) = &self.ops {
+                while let Ok(r) = ops.requests.try_recv() {
+                    let ports = &self.ports;
+                    inspect::serve_worker(r, &mut self.state, &tables, now, || {
+                        inspect::queue_info(ports)
+                    });
+                }
+            }
             if now - last_publish > 100_000_000 {
                 last_publish = now;
                 self.publish();
@@ -378,6 +401,10 @@ impl Worker {
             self.state.local_only = true;
             process_batch(&mut frames[..n], &mut verdicts[..n], tables, &mut self.state, now);
             self.state.local_only = false;
+            // Ops hook: handed frames were captured as received by the worker that got them.
+            if let Some(c) = self.ops.as_ref().map(|o| &*o.capture).filter(|c| c.active()) {
+                capture::offer_batch(c, &frames[..n], Some(&verdicts[..n]), self.id as u16);
+            }
             for k in 0..n {
                 lens[k] = frames[k].len;
                 ifs[k] = frames[k].ifindex;
