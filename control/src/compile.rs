@@ -259,6 +259,11 @@ impl Compiler {
     pub fn ids(&self) -> &Ids {
         &self.ids
     }
+    /// Adopts a running dataplane's ids before the first compilation (see [`Ids::adopt`]);
+    /// returns how many service and backend ids were adopted ((0, 0) once anything compiled).
+    pub fn adopt_ids(&mut self, map: &dataplane::sync::IdMap) -> (usize, usize) {
+        self.ids.adopt(map, Instant::now())
+    }
 
     /// Compiles every Service from scratch-equivalent: each is re-evaluated, unchanged
     /// outputs keep their `Arc`.

@@ -24,12 +24,13 @@ use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use dataplane::sync::{
-    read_frame, write_frame, FrontendEntry, PortUpdate, ToControl, ToDataplane, PROTOCOL_VERSION,
+    read_frame, write_frame, FrontendEntry, IdMap, PortUpdate, ToControl, ToDataplane,
+    PROTOCOL_VERSION,
 };
 use dataplane::tables::ServiceId;
 
@@ -158,6 +159,7 @@ impl State {
 pub struct Publisher {
     tx: Option<mpsc::Sender<Diff>>,
     status: Arc<Mutex<PublishStatus>>,
+    hello: Arc<FirstHello>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -167,11 +169,21 @@ impl Publisher {
         let socket = socket.into();
         let (tx, rx) = mpsc::channel();
         let status = Arc::new(Mutex::new(PublishStatus::default()));
-        let st = status.clone();
+        let hello = Arc::new(FirstHello::default());
+        let (st, h) = (status.clone(), hello.clone());
         let thread = std::thread::Builder::new()
             .name("kxdp-publish".into())
-            .spawn(move || run(socket, rx, st))?;
-        Ok(Publisher { tx: Some(tx), status, thread: Some(thread) })
+            .spawn(move || run(socket, rx, st, h))?;
+        Ok(Publisher { tx: Some(tx), status, hello, thread: Some(thread) })
+    }
+
+    /// The ids named by the first dataplane hello this publisher received, waiting at most
+    /// `wait` for it (`None`: no dataplane answered in time).
+    pub fn first_hello(&self, wait: Duration) -> Option<IdMap> {
+        let FirstHello(slot, cv) = &*self.hello;
+        let guard = slot.lock().ok()?;
+        let (guard, _) = cv.wait_timeout_while(guard, wait, |s| s.is_none()).ok()?;
+        guard.clone()
     }
 
     /// Queues a diff (the first one marks the state complete and allows publication).
@@ -205,6 +217,21 @@ impl Drop for Publisher {
     }
 }
 
+/// The ids of the first hello received, for [`Publisher::first_hello`].
+#[derive(Debug, Default)]
+struct FirstHello(Mutex<Option<IdMap>>, Condvar);
+
+impl FirstHello {
+    fn offer(&self, ids: IdMap) {
+        if let Ok(mut s) = self.0.lock() {
+            if s.is_none() {
+                *s = Some(ids);
+                self.1.notify_all();
+            }
+        }
+    }
+}
+
 enum Flow {
     /// The caller went away.
     Stop,
@@ -212,7 +239,12 @@ enum Flow {
     Lost,
 }
 
-fn run(socket: PathBuf, rx: mpsc::Receiver<Diff>, status: Arc<Mutex<PublishStatus>>) {
+fn run(
+    socket: PathBuf,
+    rx: mpsc::Receiver<Diff>,
+    status: Arc<Mutex<PublishStatus>>,
+    hello: Arc<FirstHello>,
+) {
     let mut st = State::default();
     let mut backoff = BACKOFF_MIN;
     let mut failing = false;
@@ -224,7 +256,7 @@ fn run(socket: PathBuf, rx: mpsc::Receiver<Diff>, status: Arc<Mutex<PublishStatu
                 }
                 failing = false;
                 backoff = BACKOFF_MIN;
-                let flow = session(stream, &rx, &mut st, &status);
+                let flow = session(stream, &rx, &mut st, &status, &hello);
                 set(&status, |s| s.connected = false);
                 if let Flow::Stop = flow {
                     return;
@@ -266,13 +298,15 @@ fn session(
     rx: &mpsc::Receiver<Diff>,
     st: &mut State,
     status: &Mutex<PublishStatus>,
+    hello: &FirstHello,
 ) -> Flow {
     if stream.set_read_timeout(Some(REPLY_TIMEOUT)).is_err() {
         return Flow::Lost;
     }
     let _ = stream.set_write_timeout(Some(REPLY_TIMEOUT));
     let (epoch, generation) = match read_frame::<_, ToControl>(&mut stream) {
-        Ok(ToControl::Hello { version, epoch, generation }) if version == PROTOCOL_VERSION => {
+        Ok(ToControl::Hello { version, epoch, generation, ids }) if version == PROTOCOL_VERSION => {
+            hello.offer(ids);
             (epoch, generation)
         }
         Ok(other) => {
