@@ -462,8 +462,9 @@ impl Applier {
         let cur = self.live.load_full();
         let mut b = cur.next();
         for id in &removals {
-            b.remove_service(*id);
-            for k in self.by_service.remove(id).unwrap_or_default() {
+            let keys = self.by_service.remove(id).unwrap_or_default();
+            b.remove_service(*id, &keys);
+            for k in keys {
                 if self.owners.get(&k) == Some(id) {
                     self.owners.remove(&k);
                 }
