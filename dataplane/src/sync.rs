@@ -47,6 +47,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{PolicyError, PolicyTables, PolicyUpdate};
 use crate::tables::{
     Backend, BackendId, Frontend, FrontendKey, FrontendKind, Protocol, ServiceId, ServicePort,
     ServiceSpec, TableError, Tables,
@@ -131,6 +132,16 @@ pub enum ToDataplane {
         upserts: Vec<PortUpdate>,
         /// Service ports removed (with all their frontends).
         removals: Vec<ServiceId>,
+    },
+    /// Replace the NetworkPolicy tables (service ports unchanged). Sequenced like a delta;
+    /// a control plane sends one after every snapshot, so policy is never left stale.
+    Policy {
+        /// The generation this applies on top of.
+        base: u64,
+        /// The generation it produces.
+        generation: u64,
+        /// The whole policy state.
+        policy: PolicyUpdate,
     },
 }
 
@@ -236,6 +247,9 @@ pub enum ApplyError {
     /// The tables refused a service port.
     #[error("{0}")]
     Table(#[from] TableError),
+    /// The policy tables refused an update.
+    #[error("policy: {0}")]
+    Policy(#[from] PolicyError),
     /// A service id appears twice in one message.
     #[error("service {0} appears twice in one message")]
     DuplicateService(ServiceId),
@@ -262,6 +276,8 @@ pub struct SyncStats {
     pub snapshots: AtomicU64,
     /// Deltas applied.
     pub deltas: AtomicU64,
+    /// Policy updates applied.
+    pub policies: AtomicU64,
     /// Messages that did not decode (error reply sent).
     pub malformed: AtomicU64,
     /// Messages refused by the applier (error reply sent).
@@ -355,6 +371,9 @@ impl Applier {
             ToDataplane::Delta { base, generation, upserts, removals } => {
                 self.delta(base, generation, upserts, removals)
             }
+            ToDataplane::Policy { base, generation, policy } => {
+                self.policy(base, generation, policy)
+            }
         };
         if r.is_err() {
             SyncStats::bump(&self.stats.refused);
@@ -391,6 +410,7 @@ impl Applier {
         let mut b = Tables::builder(cur.generation() + 1)
             .routes(cur.routes().clone())
             .snat_ip(cur.snat_ip());
+        b.set_policy(cur.policy_arc().clone());
         let mut by_service: HashMap<ServiceId, Vec<FrontendKey>> = HashMap::new();
         for p in ports {
             let id = p.spec.id;
@@ -503,6 +523,22 @@ impl Applier {
         self.live.store(Arc::new(b.build()));
         self.generation = generation;
         SyncStats::bump(&self.stats.deltas);
+        Ok(generation)
+    }
+}
+
+impl Applier {
+    fn policy(&mut self, base: u64, generation: u64, u: PolicyUpdate) -> Result<u64, ApplyError> {
+        if base != self.generation {
+            return Err(ApplyError::OutOfSequence { base, have: self.generation });
+        }
+        let p = PolicyTables::build(u)?;
+        let cur = self.live.load_full();
+        let mut b = cur.next();
+        b.set_policy(Arc::new(p));
+        self.live.store(Arc::new(b.build()));
+        self.generation = generation;
+        SyncStats::bump(&self.stats.policies);
         Ok(generation)
     }
 }

@@ -26,6 +26,7 @@ use ahash::RandomState;
 use serde::{Deserialize, Serialize};
 
 use crate::balance::{Algorithm, Candidate, Scheduler};
+use crate::policy::PolicyTables;
 use crate::wire::{IPPROTO_TCP, IPPROTO_UDP};
 
 /// Stable backend id; 0 is invalid.
@@ -373,6 +374,8 @@ pub struct Tables {
     routes: Arc<Routes>,
     /// The node address used to source-NAT (masquerade and hairpin).
     snat_ip: Option<Ipv4Addr>,
+    /// NetworkPolicy (replaced whole when policies, pods or namespaces change).
+    policy: Arc<PolicyTables>,
 }
 
 impl Tables {
@@ -425,6 +428,15 @@ impl Tables {
     #[inline]
     pub fn snat_ip(&self) -> Option<Ipv4Addr> {
         self.snat_ip
+    }
+    /// NetworkPolicy tables.
+    #[inline]
+    pub fn policy(&self) -> &PolicyTables {
+        &self.policy
+    }
+    /// NetworkPolicy tables, shared.
+    pub fn policy_arc(&self) -> &Arc<PolicyTables> {
+        &self.policy
     }
 
     /// Starts the next generation from this one (sharing every service port).
@@ -547,6 +559,10 @@ impl TablesBuilder {
     pub fn snat_ip(mut self, ip: Option<Ipv4Addr>) -> Self {
         self.t.snat_ip = ip;
         self
+    }
+    /// Replaces the NetworkPolicy tables.
+    pub fn set_policy(&mut self, p: Arc<PolicyTables>) {
+        self.t.policy = p;
     }
     /// Finishes the generation.
     pub fn build(self) -> Tables {
