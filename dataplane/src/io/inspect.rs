@@ -553,6 +553,16 @@ pub fn explain(w: &mut WorkerState, t: &Tables, key: &FlowKey, now: u64) -> Expl
     if let Some(c) = peek_new_flow(t, w, key, now) {
         e.service = name(c.frontend.service);
         match c.backend {
+            Some(b) if c.policy.is_err() => {
+                e.verdict = "drop".into();
+                e.reason = format!(
+                    "NetworkPolicy ({}) to backend {}:{}",
+                    c.policy.err().map_or("", |r| r.as_str()),
+                    Ipv4Addr::from(b.ip),
+                    b.port
+                );
+                e.backend = Some((b.id, Ipv4Addr::from(b.ip), b.port));
+            }
             Some(b) => {
                 e.verdict = "new-flow".into();
                 e.reason = format!(
@@ -581,6 +591,9 @@ pub fn explain(w: &mut WorkerState, t: &Tables, key: &FlowKey, now: u64) -> Expl
     } else if t.is_vip(key.dst) {
         e.verdict = "drop".into();
         e.reason = format!("{}: a service address, not this port", DropReason::VipNoPort);
+    } else if let Some(r) = plain_policy_denies(t, key) {
+        e.verdict = "drop".into();
+        e.reason = format!("NetworkPolicy ({r})");
     } else if let Some(h) = t.routes().host(key.dst) {
         e.verdict = "forward".into();
         e.reason = "untranslated, to a pod this node routes".into();
@@ -591,6 +604,16 @@ pub fn explain(w: &mut WorkerState, t: &Tables, key: &FlowKey, now: u64) -> Expl
         e.reason = PassReason::NotOurs.as_str().into();
     }
     e
+}
+
+/// NetworkPolicy on an untranslated connection, as the pipeline checks it: only when either
+/// side is isolated.
+fn plain_policy_denies(t: &Tables, key: &FlowKey) -> Option<DropReason> {
+    let pol = t.policy();
+    if !pol.active() || !(pol.isolated(key.src) || pol.isolated(key.dst)) {
+        return None;
+    }
+    pol.check(key.src, key.dst, key.proto, key.dport).err()
 }
 
 /// What the server needs from the running dataplane.
@@ -746,6 +769,7 @@ impl Context {
                 ("udp_rebalanced", c.udp_rebalanced),
                 ("snat_flows", c.snat_flows),
                 ("handed_off", c.handed_off),
+                ("policy_flows", c.policy_flows),
             ];
             let io = [
                 ("transmitted", get(&s.transmitted)),
