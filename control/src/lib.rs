@@ -20,6 +20,7 @@
 pub mod compile;
 pub mod dump;
 pub mod ids;
+pub mod metrics;
 pub mod publish;
 pub mod run;
 pub mod skips;

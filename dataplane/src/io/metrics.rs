@@ -27,12 +27,15 @@ use prometheus_client::registry::Registry;
 
 use super::inspect::Context;
 
-type Labels = Vec<(&'static str, String)>;
+/// A sample's labels.
+pub type Labels = Vec<(&'static str, String)>;
 
 /// A family of metrics of one name: (labels, value) rows.
-struct Rows(Vec<(Labels, f64)>);
+pub struct Rows(pub Vec<(Labels, f64)>);
 
-fn family(
+/// Encodes one metric family of counters or gauges (a single row without labels is written
+/// bare). Counters get Prometheus' `_total` suffix from the encoder.
+pub fn family(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
