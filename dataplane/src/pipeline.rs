@@ -36,7 +36,6 @@ use crate::counters::{Counters, DropReason, PassReason};
 use crate::frag::FragTable;
 use crate::mem::prefetch;
 use crate::tables::{Frontend, FrontendKey, ServicePort, Tables};
-use crate::traffic::Traffic;
 use crate::wire::{
     self, csum_fold, csum_partial, csum_replace2, ip, rd16, rd32, tcp_flags, wr16, wr32, Offsets,
     Parsed, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
@@ -136,8 +135,6 @@ pub struct WorkerState {
     pub frags: FragTable,
     /// Counters.
     pub counters: Counters,
-    /// Per-backend traffic counters (inspect CLI, metrics).
-    pub traffic: Traffic,
     affinity: Arc<AffinityTable>,
     conns: Arc<ConnCounts>,
     rng: FastRng,
@@ -155,7 +152,6 @@ impl WorkerState {
             ct: Conntrack::new(cfg.conntrack_capacity, cfg.timeouts, shared.conns.clone()),
             frags: FragTable::new(cfg.frag_capacity),
             counters: Counters::default(),
-            traffic: Traffic::new(shared.conns.capacity()),
             affinity: shared.affinity.clone(),
             conns: shared.conns.clone(),
             rng: FastRng::new(cfg.seed ^ (u64::from(cfg.worker_id) << 32)),
@@ -465,7 +461,7 @@ fn known_flow(
         w.ct.flow_mut(idx).generation = t.generation();
     }
     w.ct.on_packet(idx, dir, flags, now);
-    w.traffic.packet(flow.backend, dir, o.end - o.l3);
+    w.ct.add_bytes(idx, dir, o.end - o.l3);
     let to = match dir {
         Dir::Orig => {
             w.counters.nat_forward += 1;
@@ -578,9 +574,9 @@ fn finish_new(
     }
     let h_reply = h_reply.unwrap_or_else(|| w.ct.hash(&reply));
     let flow = Flow::new(key, reply, svc.id(), backend, t.generation());
-    w.ct.insert_hashed(flow, h, h_reply, flags, now);
+    let idx = w.ct.insert_hashed(flow, h, h_reply, flags, now);
+    w.ct.add_bytes(idx, Dir::Orig, o.end - o.l3);
     w.counters.nat_new += 1;
-    w.traffic.connection(backend, o.end - o.l3);
     wire::rewrite_tuple(
         f.buf,
         o.l3,

@@ -1,19 +1,21 @@
-//! Per-backend traffic counters of one worker, for `kxdp-inspect services` and the metrics.
+//! Per-backend traffic counters, for `kxdp-inspect services` and the metrics.
 //!
-//! Plain integers indexed by the backend's stable id (the tables give each backend an id that
-//! does not change while it exists), owned and written by the worker alone: counting a packet
-//! is one indexed add, no atomic and no lock. Others read them through a worker request (see
-//! `io::inspect`), which the worker answers between batches with the ids asked for. Totals over
-//! workers are the sum of each worker's answer.
+//! Counted where the packet path already is: each conntrack flow record carries its packets
+//! (as before) and bytes per direction, updated with the record the packet just matched, so
+//! counting adds no memory access and no atomic per packet. When a flow leaves conntrack (end,
+//! expiry, eviction, flush) its counts are added to its worker's [`Traffic`] of retired flows,
+//! indexed by the backend's stable id (one access per flow). A backend's totals are then its
+//! retired counts plus those of its live flows, which the worker sums on request between
+//! batches ([`backend_totals`]), over all workers.
 //!
-//! Counted as `ipvsadm --stats` counts: connections are new flows scheduled to the backend;
+//! Counted as `ipvsadm --stats` counts: connections are flows scheduled to the backend;
 //! packets and bytes (IP datagram length) of translated flows, "in" from clients to the
-//! backend, "out" from the backend back. A backend id above the capacity is not counted.
-//! The array is allocated zeroed, so the pages of ids never used are never touched.
+//! backend, "out" from the backend back. A backend id above the capacity is not counted. The
+//! array is allocated zeroed, so the pages of ids never used are never touched.
 
 use serde::{Deserialize, Serialize};
 
-use crate::conntrack::Dir;
+use crate::conntrack::{Conntrack, Flow};
 use crate::tables::BackendId;
 
 /// One backend's counters.
@@ -60,26 +62,15 @@ impl Traffic {
         Self { per: vec![[0u64; 5]; capacity].into_boxed_slice() }
     }
 
-    /// Counts one packet of `bytes` of a flow to `backend`, in direction `dir`.
-    #[inline(always)]
-    pub fn packet(&mut self, backend: BackendId, dir: Dir, bytes: usize) {
-        if let Some(c) = self.per.get_mut(backend as usize) {
-            let (p, b) = match dir {
-                Dir::Orig => (PACKETS_IN, BYTES_IN),
-                Dir::Reply => (PACKETS_OUT, BYTES_OUT),
-            };
-            c[p] += 1;
-            c[b] += bytes as u64;
-        }
-    }
-
-    /// Counts a new connection to `backend` with its first packet of `bytes`.
-    #[inline(always)]
-    pub fn connection(&mut self, backend: BackendId, bytes: usize) {
+    /// Adds a removed flow's counts to its backend's.
+    #[inline]
+    pub fn retire(&mut self, backend: BackendId, f: &Flow) {
         if let Some(c) = self.per.get_mut(backend as usize) {
             c[CONNS] += 1;
-            c[PACKETS_IN] += 1;
-            c[BYTES_IN] += bytes as u64;
+            c[PACKETS_IN] += f.packets_orig;
+            c[PACKETS_OUT] += f.packets_reply;
+            c[BYTES_IN] += f.bytes_orig;
+            c[BYTES_OUT] += f.bytes_reply;
         }
     }
 
@@ -95,33 +86,61 @@ impl Traffic {
     }
 }
 
+/// The totals of backends `ids` on one worker: retired flows plus live ones (a scan of the
+/// worker's conntrack; for inspection, not the packet path).
+pub fn backend_totals(ct: &Conntrack, ids: &[BackendId]) -> Vec<BackendTraffic> {
+    let mut out: Vec<BackendTraffic> = ids.iter().map(|&b| ct.retired().get(b)).collect();
+    let at: std::collections::HashMap<BackendId, usize> =
+        ids.iter().enumerate().map(|(i, &b)| (b, i)).collect();
+    for f in ct.iter() {
+        if f.backend == 0 {
+            continue;
+        }
+        if let Some(&i) = at.get(&f.backend) {
+            out[i].merge(&BackendTraffic {
+                conns: 1,
+                packets_in: f.packets_orig,
+                packets_out: f.packets_reply,
+                bytes_in: f.bytes_orig,
+                bytes_out: f.bytes_reply,
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn counts_by_direction_and_ignores_ids_out_of_range() {
-        let mut t = Traffic::new(8);
-        t.connection(3, 60);
-        t.packet(3, Dir::Orig, 52);
-        t.packet(3, Dir::Reply, 1500);
-        t.packet(9, Dir::Orig, 52);
-        t.connection(8, 60);
-        assert_eq!(
-            t.get(3),
-            BackendTraffic {
-                conns: 1,
-                packets_in: 2,
-                packets_out: 1,
-                bytes_in: 112,
-                bytes_out: 1500
-            }
-        );
-        assert_eq!(t.get(9), BackendTraffic::default());
-        assert_eq!(t.get(8), BackendTraffic::default());
-        let mut sum = t.get(3);
-        sum.merge(&t.get(3));
-        assert_eq!(sum.conns, 2);
-        assert_eq!(sum.bytes_out, 3000);
+    fn totals_are_retired_plus_live_flows() {
+        use crate::balance::ConnCounts;
+        use crate::conntrack::{Dir, FlowKey, Timeouts};
+        let mut ct =
+            Conntrack::new(64, Timeouts::default(), std::sync::Arc::new(ConnCounts::new(8)));
+        let key = |sport| FlowKey { src: 1, dst: 2, sport, dport: 53, proto: 17 };
+        let rev = |k: FlowKey| FlowKey { src: 9, dst: k.src, sport: 53, dport: k.sport, proto: 17 };
+        let a = ct.insert(Flow::new(key(1), rev(key(1)), 1, 3, 1), 0, 0);
+        ct.add_bytes(a, Dir::Orig, 40);
+        ct.on_packet(a, Dir::Reply, 0, 1);
+        ct.add_bytes(a, Dir::Reply, 100);
+        let b = ct.insert(Flow::new(key(2), rev(key(2)), 1, 3, 1), 0, 0);
+        ct.add_bytes(b, Dir::Orig, 41);
+        ct.insert(Flow::new(key(3), rev(key(3)), 1, 20, 1), 0, 0);
+        let want = |conns, pin, pout, bin, bout| BackendTraffic {
+            conns,
+            packets_in: pin,
+            packets_out: pout,
+            bytes_in: bin,
+            bytes_out: bout,
+        };
+        assert_eq!(backend_totals(&ct, &[3, 5]), [want(2, 2, 1, 81, 100), want(0, 0, 0, 0, 0)]);
+        // A removed flow's counts stay with its backend.
+        ct.remove(a);
+        assert_eq!(backend_totals(&ct, &[3]), [want(2, 2, 1, 81, 100)]);
+        assert_eq!(ct.retired().get(3), want(1, 1, 1, 40, 100));
+        // Backend 20 is beyond the retired array: live flows count, retired ones cannot.
+        assert_eq!(backend_totals(&ct, &[20])[0].conns, 1);
     }
 }

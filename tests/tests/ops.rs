@@ -169,6 +169,7 @@ fn inspect_metrics_and_capture_on_a_live_dataplane() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
+    println!("kxdp-inspect services:\n{text}");
     assert!(text.contains("UDP  10.96.0.20:5353"), "{text}");
     assert!(text.contains("-> 10.200.1.21:5353"), "{text}");
 

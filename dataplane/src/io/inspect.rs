@@ -485,7 +485,7 @@ pub fn serve_worker(
     let id = usize::from(w.worker_id());
     match req {
         WorkerRequest::Traffic(ids, tx) => {
-            let _ = tx.send(ids.iter().map(|&b| w.traffic.get(b)).collect());
+            let _ = tx.send(crate::traffic::backend_totals(&w.ct, &ids));
         }
         WorkerRequest::List(m, limit, tx) => {
             let mut n = 0u64;
@@ -641,7 +641,10 @@ fn ask<T>(
     make: impl FnOnce(Sender<T>) -> WorkerRequest,
 ) -> Result<T, String> {
     let (tx, rx) = crossbeam::channel::bounded(1);
-    to.send(make(tx)).map_err(|_| "a worker has stopped".to_string())?;
+    to.send_timeout(make(tx), WORKER_TIMEOUT).map_err(|e| match e {
+        crossbeam::channel::SendTimeoutError::Timeout(_) => "a worker is not answering".to_string(),
+        crossbeam::channel::SendTimeoutError::Disconnected(_) => "a worker has stopped".to_string(),
+    })?;
     rx.recv_timeout(WORKER_TIMEOUT).map_err(|_| "a worker did not answer in time".to_string())
 }
 
@@ -931,6 +934,8 @@ fn write_line(s: &mut UnixStream, r: &Response) -> std::io::Result<()> {
 
 fn serve_conn(mut s: UnixStream, ctx: &Context) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    // A client that stops reading ends its capture instead of holding the session.
+    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
     let read = s.try_clone().map(|c| BufReader::new(c).take(MAX_REQUEST).read_line(&mut line));
     let req: Result<Request, String> = match read {
