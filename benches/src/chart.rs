@@ -39,10 +39,15 @@ pub fn human(v: f64, time: bool) -> String {
     }
 }
 
-/// The smallest 1, 2 or 5 times a power of ten at or above `v` (> 0).
+/// The smallest round number (1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of ten) at or
+/// above `v` (> 0).
 fn nice_ceil(v: f64) -> f64 {
     let p = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * p).find(|x| *x >= v).unwrap_or(10.0 * p)
+    [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|x| *x >= v * (1.0 - 1e-12))
+        .unwrap_or(10.0 * p)
 }
 
 fn esc(s: &str) -> String {
@@ -217,9 +222,11 @@ mod tests {
     #[test]
     fn nice_ceiling() {
         assert_eq!(nice_ceil(0.9), 1.0);
-        assert_eq!(nice_ceil(1.5), 2.0);
-        assert_eq!(nice_ceil(340_000.0), 500_000.0);
-        assert_eq!(nice_ceil(600.0), 1000.0);
+        assert_eq!(nice_ceil(1.5), 1.5);
+        assert_eq!(nice_ceil(1.6), 2.0);
+        assert_eq!(nice_ceil(203_000.0), 250_000.0);
+        assert_eq!(nice_ceil(340_000.0), 400_000.0);
+        assert_eq!(nice_ceil(610.0), 800.0);
     }
 
     #[test]

@@ -31,7 +31,8 @@
 //! first so their conntrack entries exist), new-flow rate (every packet a new 5-tuple), and the
 //! time to apply one endpoint change (kxdp: a delta over the control socket until its ack;
 //! iptables: kube-proxy's partial `iptables-restore`; nftables: its partial `nft -f`). Rates
-//! are what the receiver counted over its first-to-last-packet window.
+//! are the frames the receiver counted divided by the seconds the generator sent, medians of
+//! `--repeat` runs.
 //!
 //! Every step is bounded in time; SIGINT/SIGTERM stop the run at the next step (a second
 //! SIGINT exits at once) and the guards remove namespaces, rules and programs.
@@ -67,8 +68,11 @@ struct Cli {
     #[arg(long, value_delimiter = ',', default_value = "kxdp,raw,iptables,nftables")]
     modes: Vec<Mode>,
     /// Length of each rate measurement.
-    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
     duration: Duration,
+    /// Measurements per rate (the median is reported, the spread in the details).
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
     /// Frame size (bytes, Ethernet header included).
     #[arg(long, default_value_t = 60)]
     size: usize,
@@ -115,6 +119,8 @@ struct Cell {
     mode: Option<Mode>,
     services: u32,
     established_pps: Option<f64>,
+    established_spread: Option<(f64, f64)>,
+    new_flow_spread: Option<(f64, f64)>,
     established_sent_pps: Option<f64>,
     new_flow_pps: Option<f64>,
     new_flow_sent_pps: Option<f64>,
@@ -130,6 +136,13 @@ const GEN_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 const BK_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
 const CLIENTS: Ipv4Addr = Ipv4Addr::new(10, 200, 16, 1);
 const CLIENT_ADDRS: u32 = 40;
+/// Source addresses of the new-flow pattern (10.200.16.1 to 10.200.32.0): with 64,512 ports
+/// each, room for 264 million tuples, so no new-flow run of the benchmark repeats another's.
+const NEW_FLOW_ADDRS: u32 = 4096;
+/// Packets of the new-flow pattern set aside per run and second of run (more than this
+/// machine's generator sends; the space wraps after about 88 run-seconds, long after the
+/// first runs' conntrack entries expired).
+const NEW_FLOWS_PER_SECOND: u64 = 3_000_000;
 const VIP0: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 const ENDPOINTS: u32 = 10;
 const SERVICE_PORT: u16 = 80;
@@ -141,7 +154,8 @@ fn main() {
         if cli.services.is_empty() {
             cli.services = vec![1, 1000];
         }
-        cli.duration = cli.duration.min(Duration::from_secs(2));
+        cli.repeat = cli.repeat.min(2);
+        cli.duration = cli.duration.min(Duration::from_secs(1));
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -163,6 +177,15 @@ fn check_setup(cli: &Cli) -> Result<(), String> {
         if *s == 0 || *s > 100_000 {
             return Err(format!("--services {s}: must be 1 to 100000"));
         }
+    }
+    if !(1..=20).contains(&cli.repeat) {
+        return Err(format!("--repeat {}: must be 1 to 20", cli.repeat));
+    }
+    if !(1..=256).contains(&cli.ports) {
+        return Err(format!("--ports {}: must be 1 to 256", cli.ports));
+    }
+    if cli.duration > Duration::from_secs(60) {
+        return Err("--duration: at most 60s per measurement".into());
     }
     if cli.gen_core == cli.node_core {
         return Err("--gen-core and --node-core must differ".into());
@@ -234,6 +257,10 @@ struct Bench<'a> {
     topo: Topology,
     node_mac: String,
     load: PathBuf,
+    /// Cells measured so far (for per-cell established source ports).
+    cells_done: std::cell::Cell<u32>,
+    /// New-flow runs so far (each starts past the packets of all earlier ones).
+    new_flow_runs: std::cell::Cell<u64>,
 }
 
 fn run(cli: &Cli, stop: &AtomicBool) -> Result<(), String> {
@@ -269,7 +296,15 @@ fn run(cli: &Cli, stop: &AtomicBool) -> Result<(), String> {
         &format!("echo {mask} > /sys/class/net/{gen_if}/queues/rx-0/rps_cpus"),
     ])?;
     let node_mac = mac(node, &gen_if)?;
-    let bench = Bench { cli, stop, node_mac, load: kxdp_tests::binary("kxdp-load"), topo };
+    let bench = Bench {
+        cli,
+        stop,
+        node_mac,
+        load: kxdp_tests::binary("kxdp-load"),
+        topo,
+        cells_done: Default::default(),
+        new_flow_runs: Default::default(),
+    };
 
     let mut cells: Vec<Cell> = Vec::new();
     for &n in &cli.services {
@@ -302,6 +337,7 @@ fn run(cli: &Cli, stop: &AtomicBool) -> Result<(), String> {
         load_after: load_after.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         minutes: started.elapsed().as_secs_f64() / 60.0,
         duration_s: cli.duration.as_secs_f64(),
+        repeat: cli.repeat,
         size: cli.size,
         flows: CLIENT_ADDRS * cli.ports,
         interrupted,
@@ -388,53 +424,58 @@ impl Bench<'_> {
                 }
                 r
             }
-            Mode::Iptables => {
-                let ns = self.topo.node.name.as_str();
-                let argv = ["iptables-legacy-restore", "-w", "5", "--noflush", "--counters"];
-                let guard = Cleanup { ns, cmds: IPTABLES_FLUSH };
-                restore::run(ns, &argv, &kp::iptables_jumps(), Duration::from_secs(30))?;
-                let load =
-                    restore::run(ns, &argv, &kp::iptables_restore(ports), self.cli.load_timeout)
-                        .map_err(|e| format!("rule set load: {e}"))?;
-                cell.load_s = Some(load.time.as_secs_f64());
-                self.rates(n, cell)?;
-                let mut changes = Changes::new();
-                let mut times = Vec::new();
-                for _ in 0..3 {
-                    self.stopped()?;
-                    let (s, _) = changes.next(ports);
-                    let input = kp::iptables_restore_partial(ports, &[s]);
-                    times.push(restore::run(ns, &argv, &input, Duration::from_secs(120))?.time);
-                }
-                changes.undo(ports);
-                cell.change_runs = times.len();
-                cell.change_ms = median(&mut times).map(|d| d.as_secs_f64() * 1e3);
-                drop(guard);
-                Ok(())
-            }
-            Mode::Nftables => {
-                let ns = self.topo.node.name.as_str();
-                let argv = ["nft", "-f", "-"];
-                let guard = Cleanup { ns, cmds: NFT_FLUSH };
-                let load = restore::run(ns, &argv, &kp::nft_full(ports), self.cli.load_timeout)
-                    .map_err(|e| format!("rule set load: {e}"))?;
-                cell.load_s = Some(load.time.as_secs_f64());
-                self.rates(n, cell)?;
-                let mut changes = Changes::new();
-                let mut times = Vec::new();
-                for _ in 0..3 {
-                    self.stopped()?;
-                    let (s, gone) = changes.next(ports);
-                    let input = kp::nft_partial(ports, s, gone.as_slice());
-                    times.push(restore::run(ns, &argv, &input, Duration::from_secs(120))?.time);
-                }
-                changes.undo(ports);
-                cell.change_runs = times.len();
-                cell.change_ms = median(&mut times).map(|d| d.as_secs_f64() * 1e3);
-                drop(guard);
-                Ok(())
-            }
+            Mode::Iptables => self.kernel_mode(
+                ports,
+                cell,
+                &["iptables-legacy-restore", "-w", "5", "--noflush", "--counters"],
+                IPTABLES_FLUSH,
+                &[kp::iptables_jumps(), kp::iptables_restore(ports)],
+                &|ports, s, _| kp::iptables_restore_partial(ports, &[s]),
+            ),
+            Mode::Nftables => self.kernel_mode(
+                ports,
+                cell,
+                &["nft", "-f", "-"],
+                NFT_FLUSH,
+                &[kp::nft_full(ports)],
+                &|ports, s, gone| kp::nft_partial(ports, s, gone.as_slice()),
+            ),
         }
+    }
+
+    /// A kube-proxy rule set in the node namespace: `loads` piped to `argv` in order (the last
+    /// one timed as the load), the rates, then three one-endpoint changes each written as
+    /// `partial(ports, changed service, endpoint gone)` makes it; `cleanup` removes the rules
+    /// afterwards, also on error.
+    fn kernel_mode(
+        &self,
+        ports: &mut [ServicePort],
+        cell: &mut Cell,
+        argv: &[&str],
+        cleanup: &[&[&str]],
+        loads: &[String],
+        partial: &PartialSync,
+    ) -> Result<(), String> {
+        let ns = self.topo.node.name.as_str();
+        let _guard = Cleanup { ns, cmds: cleanup };
+        for input in loads {
+            let load = restore::run(ns, argv, input, self.cli.load_timeout)
+                .map_err(|e| format!("rule set load: {e}"))?;
+            cell.load_s = Some(load.time.as_secs_f64());
+        }
+        self.rates(ports.len() as u32, cell)?;
+        let mut changes = Changes::new();
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            self.stopped()?;
+            let (s, gone) = changes.next(ports);
+            let input = partial(ports, s, gone);
+            times.push(restore::run(ns, argv, &input, Duration::from_secs(120))?.time);
+        }
+        changes.undo(ports);
+        cell.change_runs = times.len();
+        cell.change_ms = median(&mut times).map(|d| d.as_secs_f64() * 1e3);
+        Ok(())
     }
 
     fn dataplane_config(&self, mode: Mode) -> Result<PathBuf, String> {
@@ -460,38 +501,57 @@ impl Bench<'_> {
     /// flows.
     fn rates(&self, services: u32, cell: &mut Cell) -> Result<(), String> {
         let d = self.cli.duration;
+        // Established flows get source ports of their own in every cell, so no conntrack entry
+        // left by an earlier mode (the node namespace is kept) serves them.
+        let cell_no = self.cells_done.get();
+        self.cells_done.set(cell_no + 1);
+        let sport = 10_000 + (cell_no % 200) * self.cli.ports;
+        let sport = u16::try_from(sport).map_err(|_| "--ports too large".to_string())?;
         // Warm-up: every flow seen, conntrack entries in place; not counted.
-        self.send("established", services, Duration::from_secs(1))?;
-        let r = self.measured("established", services, d)?;
+        self.send(&Traffic::established(self.cli.ports, sport), services, Duration::from_secs(1))?;
+        let mut runs = Vec::new();
+        for _ in 0..self.cli.repeat {
+            runs.push(self.measured(&Traffic::established(self.cli.ports, sport), services, d)?);
+        }
+        let (r, spread) = median_run(&mut runs);
         cell.established_pps = Some(r.received_pps);
         cell.established_sent_pps = Some(r.sent_pps);
-        cell.flows_seen = Some(r.flows_seen);
+        cell.established_spread = spread;
+        cell.flows_seen = Some(runs.iter().map(|r| r.flows_seen).min().unwrap_or(0));
         cell.flows = Some(u64::from(CLIENT_ADDRS * self.cli.ports));
-        if r.dropped > 0 {
-            cell.notes.push(format!("receiver socket dropped {} (established)", r.dropped));
+        let dropped: u64 = runs.iter().map(|r| r.dropped).sum();
+        if dropped > 0 {
+            cell.notes.push(format!("receiver socket dropped {dropped} (established)"));
         }
-        self.stopped()?;
-        let r = self.measured("new-flows", services, d)?;
+        let mut runs = Vec::new();
+        for _ in 0..self.cli.repeat {
+            // Every run starts where no earlier run of the whole benchmark has been.
+            let first = self.new_flow_runs.get();
+            self.new_flow_runs.set(first + 1);
+            let per_run = NEW_FLOWS_PER_SECOND * d.as_secs_f64().ceil() as u64;
+            let t = Traffic::new_flows(first * per_run);
+            runs.push(self.measured(&t, services, d)?);
+        }
+        let (r, spread) = median_run(&mut runs);
         cell.new_flow_pps = Some(r.received_pps);
         cell.new_flow_sent_pps = Some(r.sent_pps);
-        if r.dropped > 0 {
-            cell.notes.push(format!("receiver socket dropped {} (new flows)", r.dropped));
+        cell.new_flow_spread = spread;
+        let dropped: u64 = runs.iter().map(|r| r.dropped).sum();
+        if dropped > 0 {
+            cell.notes.push(format!("receiver socket dropped {dropped} (new flows)"));
         }
         Ok(())
     }
 
-    fn send(&self, pattern: &str, services: u32, d: Duration) -> Result<serde_json::Value, String> {
+    fn send(&self, t: &Traffic, services: u32, d: Duration) -> Result<serde_json::Value, String> {
         self.stopped()?;
         let gen = &self.topo.pods[0].ns;
         let load = self.load.to_string_lossy();
-        let (ports, dur, core) = (
-            self.cli.ports.to_string(),
-            format!("{}ms", d.as_millis()),
-            self.cli.gen_core.to_string(),
-        );
-        let (services, size, addrs) =
-            (services.to_string(), self.cli.size.to_string(), CLIENT_ADDRS.to_string());
+        let (dur, core) = (format!("{}ms", d.as_millis()), self.cli.gen_core.to_string());
+        let (services, size) = (services.to_string(), self.cli.size.to_string());
         let (src, dst) = (CLIENTS.to_string(), VIP0.to_string());
+        let (sources, sport, ports, first) =
+            (t.sources.to_string(), t.sport.to_string(), t.ports.to_string(), t.first.to_string());
         let out = gen.exec(&[
             "nice",
             "-n",
@@ -509,9 +569,9 @@ impl Bench<'_> {
             "--src",
             &src,
             "--sources",
-            &addrs,
+            &sources,
             "--sport",
-            "10000",
+            &sport,
             "--ports",
             &ports,
             "--dst",
@@ -521,7 +581,9 @@ impl Bench<'_> {
             "--dport",
             "80",
             "--pattern",
-            pattern,
+            t.pattern,
+            "--first",
+            &first,
             "--duration",
             &dur,
             "--core",
@@ -531,12 +593,12 @@ impl Bench<'_> {
         serde_json::from_str(out.trim()).map_err(|e| format!("sender output {out:?}: {e}"))
     }
 
-    fn measured(&self, pattern: &str, services: u32, d: Duration) -> Result<Rate, String> {
+    fn measured(&self, t: &Traffic, services: u32, d: Duration) -> Result<Rate, String> {
         let bk = &self.topo.pods[1];
         let load = self.load.to_string_lossy();
-        let log = self.topo.dir.join(format!("recv-{pattern}.log"));
-        let (addrs, ports, src) =
-            (CLIENT_ADDRS.to_string(), self.cli.ports.to_string(), CLIENTS.to_string());
+        let log = self.topo.dir.join(format!("recv-{}.log", t.pattern));
+        let (addrs, ports, src) = (t.sources.to_string(), t.ports.to_string(), CLIENTS.to_string());
+        let sport = t.sport.to_string();
         let max = format!("{}ms", (d + Duration::from_secs(20)).as_millis());
         // Not pinned: the frames reach its socket in the node core's softirq; the process
         // only drains the ring (with room for a few milliseconds of frames).
@@ -556,7 +618,7 @@ impl Bench<'_> {
             "16384",
             "--json",
         ];
-        if pattern == "established" {
+        if t.pattern == "established" {
             args.extend([
                 "--per-flow",
                 "--src",
@@ -564,7 +626,7 @@ impl Bench<'_> {
                 "--sources",
                 &addrs,
                 "--sport",
-                "10000",
+                &sport,
                 "--ports",
                 &ports,
             ]);
@@ -573,7 +635,7 @@ impl Bench<'_> {
         if !wait_for(Duration::from_secs(10), || rx.log().contains("receiving on")) {
             return Err(format!("receiver did not start: {}", rx.log()));
         }
-        let sent = self.send(pattern, services, d);
+        let sent = self.send(t, services, d);
         std::thread::sleep(Duration::from_millis(300));
         rx.stop();
         let sent = sent?;
@@ -588,7 +650,10 @@ impl Bench<'_> {
         Ok(Rate {
             dropped: v["socket_rx_dropped"].as_u64().unwrap_or(0)
                 + v["socket_rx_ring_full"].as_u64().unwrap_or(0),
-            received_pps: v["pps"].as_f64().unwrap_or(0.0),
+            // What arrived per second of sending: a stall or loss anywhere (start-up
+            // included) counts against the mode, and a short burst cannot inflate it.
+            received_pps: v["received"].as_f64().unwrap_or(0.0)
+                / sent["seconds"].as_f64().unwrap_or(f64::INFINITY).max(1e-3),
             sent_pps: sent["pps"].as_f64().unwrap_or(0.0),
             flows_seen: v["flows_seen"].as_u64().unwrap_or(0),
         })
@@ -609,6 +674,39 @@ fn renice(pid: u32) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The generator's traffic in one measurement.
+struct Traffic {
+    pattern: &'static str,
+    sources: u32,
+    sport: u16,
+    ports: u32,
+    first: u64,
+}
+
+impl Traffic {
+    /// `CLIENT_ADDRS x ports` flows from source port `sport` on.
+    fn established(ports: u32, sport: u16) -> Traffic {
+        Traffic { pattern: "established", sources: CLIENT_ADDRS, sport, ports, first: 0 }
+    }
+
+    /// A new 5-tuple every packet, from packet number `first` of the pattern on.
+    fn new_flows(first: u64) -> Traffic {
+        Traffic { pattern: "new-flows", sources: NEW_FLOW_ADDRS, sport: 10_000, ports: 1, first }
+    }
+}
+
+/// The median run by received rate, and the (min, max) received rate over the runs.
+fn median_run(runs: &mut [Rate]) -> (&Rate, Option<(f64, f64)>) {
+    runs.sort_by(|a, b| a.received_pps.total_cmp(&b.received_pps));
+    let spread =
+        (runs.len() > 1).then(|| (runs[0].received_pps, runs[runs.len() - 1].received_pps));
+    (&runs[runs.len() / 2], spread)
+}
+
+/// Writes kube-proxy's input for one endpoint change: (services, changed service, endpoint
+/// gone).
+type PartialSync = dyn Fn(&[ServicePort], usize, Option<kp::Endpoint>) -> String;
 
 /// Commands run in the node namespace when a kernel mode ends (also on error or interrupt).
 struct Cleanup<'a> {
@@ -691,6 +789,7 @@ struct Meta {
     load_after: String,
     minutes: f64,
     duration_s: f64,
+    repeat: u32,
     size: usize,
     flows: u32,
     interrupted: bool,
@@ -707,6 +806,15 @@ fn fmt_rate(v: Option<f64>) -> String {
         Some(v) if v >= 1e3 => format!("{:.0} k", v / 1e3),
         Some(v) => format!("{v:.0}"),
         None => "—".into(),
+    }
+}
+
+fn with_spread(v: Option<f64>, spread: Option<(f64, f64)>) -> String {
+    match spread {
+        Some((lo, hi)) => {
+            format!("{} ({}–{})", fmt_rate(v), fmt_rate(Some(lo)), fmt_rate(Some(hi)))
+        }
+        None => fmt_rate(v),
     }
 }
 
@@ -754,8 +862,8 @@ fn write_results(
         meta.load_after,
         if meta.interrupted { "; INTERRUPTED, partial" } else { "" }
     );
-    let _ = writeln!(w, "Generator `kxdp-load send` (AF_XDP, one core) -> node namespace (mode under test, one core) -> backend namespace (`kxdp-load recv`, counting). UDP, {}-byte frames, {} established flows, {:.0} s per rate, rates as counted by the receiver. Services of 10 endpoints each. IPVS: not measured, this kernel has no IPVS.\n",
-        meta.size, meta.flows, meta.duration_s);
+    let _ = writeln!(w, "Generator `kxdp-load send` (AF_XDP, one core) -> node namespace (mode under test, one core) -> backend namespace (`kxdp-load recv`, counting). UDP, {}-byte frames, {} established flows, {} runs of {:.0} s per rate (median shown), rates = frames the receiver counted / seconds the generator sent. Services of 10 endpoints each. IPVS: not measured, this kernel has no IPVS.\n",
+        meta.size, meta.flows, meta.repeat, meta.duration_s);
     let metrics: [(&str, Metric, bool); 3] = [
         ("Established-flow packets per second (received)", |c| c.established_pps, true),
         ("New flows per second (every packet a new 5-tuple; received)", |c| c.new_flow_pps, true),
@@ -794,7 +902,7 @@ fn write_results(
         let _ = writeln!(w);
     }
     let _ = writeln!(w, "## Details\n");
-    let _ = writeln!(w, "| services | mode | sent pps (established) | received | flows seen | sent pps (new flows) | received | rules/tables loaded in | notes |");
+    let _ = writeln!(w, "| services | mode | sent pps (established) | received: median (min–max) | flows seen | sent pps (new flows) | received: median (min–max) | rules/tables loaded in | notes |");
     let _ = writeln!(w, "|---:|---|---:|---:|---:|---:|---:|---:|---|");
     for c in cells {
         let _ = writeln!(
@@ -803,13 +911,13 @@ fn write_results(
             c.services,
             c.mode.map(Mode::label).unwrap_or("?"),
             fmt_rate(c.established_sent_pps),
-            fmt_rate(c.established_pps),
+            with_spread(c.established_pps, c.established_spread),
             match (c.flows_seen, c.flows) {
                 (Some(s), Some(f)) => format!("{s} / {f}"),
                 _ => "—".into(),
             },
             fmt_rate(c.new_flow_sent_pps),
-            fmt_rate(c.new_flow_pps),
+            with_spread(c.new_flow_pps, c.new_flow_spread),
             c.load_s.map(|s| format!("{s:.2} s")).unwrap_or("—".into()),
             c.notes.join("; ").replace('\n', " ").replace('|', "/"),
         );

@@ -105,6 +105,9 @@ struct SendArgs {
     /// Stop after this many packets (0: only the duration bounds the run).
     #[arg(long, default_value_t = 0)]
     count: u64,
+    /// Number of the first packet in the pattern (so runs in sequence can use new tuples).
+    #[arg(long, default_value_t = 0)]
+    first: u64,
     /// Pin the sending thread to this core.
     #[arg(long)]
     core: Option<usize>,
@@ -304,7 +307,7 @@ fn send(a: SendArgs, stop: &AtomicBool) -> Result<(), String> {
         let want = (BATCH as u64).min(free.len() as u64).min(allowed).min(limit - produced);
         for i in 0..want {
             let mut d = free.pop().expect("counted above");
-            let t = flows.tuple(a.pattern, produced + i);
+            let t = flows.tuple(a.pattern, a.first.wrapping_add(produced + i));
             // SAFETY: the frame came off the free list, so userspace owns it exclusively.
             let mut data = unsafe { umem.data_mut(&mut d) };
             data.cursor().set_pos(len);
