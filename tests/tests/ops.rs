@@ -331,3 +331,45 @@ fn inspect_metrics_and_capture_on_a_live_dataplane() {
     assert_eq!(tuples[3], (vip, 5353, client.ip, cport), "reply after NAT: {tuples:?}");
     drop(servers);
 }
+
+#[test]
+fn inspect_sums_over_two_workers_and_finds_flows_on_their_owner() {
+    if !is_root() {
+        eprintln!("skipped: needs root, network namespaces and BPF");
+        return;
+    }
+    let (topo, servers) = demo_topology("ops2").expect("topology");
+    let client = &topo.pods[0];
+    let (cfg, socket) = write_node_config(&topo, &[0, 1]).unwrap();
+    let isock = topo.dir.join("inspect.sock");
+    let stats = topo.dir.join("stats.json");
+    let dp =
+        start_dataplane(&topo, &cfg, &stats, "dataplane.log").unwrap_or_else(|e| panic!("{e}"));
+    push_snapshot(&socket, 1, demo_ports()).unwrap();
+    assert_eq!(u(&inspect(&isock, &["status"])["status"]["workers"]), 2);
+    let echo: SocketAddr = "10.96.0.20:5353".parse().unwrap();
+    let replies = udp_requests(client, echo, 100).unwrap();
+    assert!(replies.len() >= 95, "UDP replies {} of 100\n{}", replies.len(), dp.log());
+    // Counters live in both workers' conntrack; the answer is their sum.
+    let svcs = inspect(&isock, &["services"]);
+    let e = service(&svcs, "demo/echo:echo");
+    assert_eq!(backend_sum(e, "packets_in"), 100, "{e}");
+    let ws = inspect(&isock, &["workers"]);
+    assert_eq!(ws["workers"].as_array().unwrap().len(), 2);
+    // Every flow is listed once, whichever worker owns it, and the query finds it there.
+    let ct = inspect(&isock, &["conntrack", "list", "--service", "demo/echo:echo"]);
+    let entries = ct["conntrack"]["entries"].as_array().unwrap();
+    assert!(entries.len() >= 95, "{ct}");
+    let workers: std::collections::HashSet<u64> = entries.iter().map(|e| u(&e["worker"])).collect();
+    assert_eq!(workers.len(), 2, "flows on both workers: {workers:?}");
+    for e in entries.iter().take(10) {
+        let src = format!("{}:{}", e["orig"]["src"].as_str().unwrap(), u(&e["orig"]["sport"]));
+        let q = inspect(
+            &isock,
+            &["query", "--proto", "udp", "--src", &src, "--dst", "10.96.0.20:5353"],
+        );
+        assert_eq!(q["query"]["verdict"], "existing-flow", "{q}");
+        assert_eq!(q["query"]["worker"], e["worker"], "answered by the owner: {q}");
+    }
+    drop(servers);
+}
