@@ -211,8 +211,10 @@ pub struct NodeConfig {
     /// Conntrack sizing.
     #[serde(default)]
     pub conntrack: ConntrackConfig,
-    /// UMEM frames (2 KiB each) per worker when its sockets share one UMEM, else per socket.
-    /// Each socket's fill ring gets an equal share of them, less a reserve for copies.
+    /// UMEM frames (2 KiB each) per socket. A worker whose sockets share one UMEM gets
+    /// this many per socket planned for it at start (at least 8 sockets' worth when
+    /// `interface_patterns` may bring more at runtime); each socket's fill ring gets an equal
+    /// share of the pool (at most `ring_size`), less a reserve kept for copies.
     #[serde(default = "default_frames")]
     pub umem_frames: u32,
     /// Entries in each socket ring (fill, completion, rx, tx); a power of two.
@@ -240,7 +242,7 @@ fn default_socket() -> PathBuf {
     PathBuf::from("/run/kxdp/control.sock")
 }
 fn default_frames() -> u32 {
-    16384
+    4096
 }
 fn default_ring() -> u32 {
     2048

@@ -370,8 +370,13 @@ impl Dataplane {
         let mut umems = Vec::new();
         let mut commands = Vec::new();
         let mut receivers = Vec::new();
-        for _ in 0..busy {
-            let pool = if cfg.share_umem { Some(Pool::new(geo, "worker")?) } else { None };
+        for &w in &running {
+            // A worker's shared UMEM holds `umem_frames` per socket planned for it (at least
+            // 8 sockets' worth when interfaces may appear at runtime).
+            let planned_sockets = the_plan.queues.iter().filter(|q| q.worker == w).count();
+            let sockets = if dynamic { planned_sockets.max(8) } else { planned_sockets.max(1) };
+            let pool_geo = Geometry { frames: geo.frames.saturating_mul(sockets as u32), ..geo };
+            let pool = if cfg.share_umem { Some(Pool::new(pool_geo, "worker")?) } else { None };
             umems.push(pool.as_ref().map(Pool::umem));
             pools.push(pool);
             let (tx, rx) = crossbeam::channel::unbounded();

@@ -50,6 +50,13 @@ pub struct Handed {
     data: Box<[u8; 2048]>,
 }
 
+impl Handed {
+    /// The frame as the pipeline sees it (its buffer is the whole hand-off buffer).
+    pub fn frame(&mut self) -> Frame<'_> {
+        Frame { buf: &mut self.data[..], len: self.len, ifindex: self.ifindex }
+    }
+}
+
 /// Cross-worker queues and the pool of hand-off buffers.
 ///
 /// Two kinds of hand-off: a frame to *transmit* goes to the transmit inbox of the worker
@@ -78,6 +85,22 @@ impl Handoff {
             pool,
             egress: ArcSwap::from_pointee(HashMap::new()),
         }
+    }
+
+    /// Hands a frame received on `ifindex` to `worker` to process (copied into a pooled
+    /// buffer); false when the pool or that worker's inbox is full, or there is no such worker.
+    pub fn hand_to(&self, worker: usize, data: &[u8], ifindex: u32) -> bool {
+        self.process.get(worker).is_some_and(|q| self.push(q, data, ifindex))
+    }
+
+    /// The next frame handed to `worker` to process.
+    pub fn take_for(&self, worker: usize) -> Option<Handed> {
+        self.process.get(worker)?.pop()
+    }
+
+    /// Returns a hand-off buffer to the pool.
+    pub fn give_back(&self, h: Handed) {
+        let _ = self.pool.push(h.data);
     }
 
     /// Copies `data` into a pooled buffer and queues it; false when the pool or queue is full.
@@ -127,6 +150,13 @@ pub struct PortStats {
     pub no_free_frame: u64,
     /// Frames in its kernel rings.
     pub in_kernel: usize,
+    /// The kernel's counters for the socket (`XDP_STATISTICS`): frames dropped for want of
+    /// a fill frame, for a full rx ring, or otherwise.
+    pub rx_fill_ring_empty: u64,
+    /// Frames the kernel could not put in the full rx ring.
+    pub rx_ring_full: u64,
+    /// Frames the kernel dropped for other reasons (too big, ...).
+    pub rx_dropped: u64,
 }
 
 /// One UMEM pool's accounting, as published.
@@ -438,7 +468,8 @@ impl Worker {
         *self.stats.ports.lock() = self
             .ports
             .iter()
-            .map(|p| PortStats {
+            .map(|p| (p, p.xdp_stats()))
+            .map(|(p, x)| PortStats {
                 iface: p.name.clone(),
                 ifindex: p.ifindex,
                 queue: p.queue,
@@ -448,6 +479,9 @@ impl Worker {
                 tx_ring_full: p.tx_ring_full,
                 no_free_frame: p.no_free_frame,
                 in_kernel: p.in_kernel(),
+                rx_fill_ring_empty: x.as_ref().map_or(0, |x| x.rx_fill_ring_empty_descs()),
+                rx_ring_full: x.as_ref().map_or(0, |x| x.rx_ring_full()),
+                rx_dropped: x.as_ref().map_or(0, |x| x.rx_dropped()),
             })
             .collect();
         *self.stats.pools.lock() = self
@@ -568,11 +602,7 @@ impl Worker {
                 }
             }
             Verdict::Handoff { worker } => {
-                let ok = self
-                    .handoff
-                    .process
-                    .get(usize::from(worker))
-                    .is_some_and(|q| self.handoff.push(q, data, ingress));
+                let ok = self.handoff.hand_to(usize::from(worker), data, ingress);
                 if ok {
                     self.local.handed_off += 1;
                 } else {
@@ -591,11 +621,10 @@ impl Worker {
         local: &HashMap<u32, usize>,
         egress: &HashMap<u32, usize>,
     ) {
-        let Some(q) = self.handoff.process.get(self.id) else { return };
         let mut held: [Option<Handed>; BATCH] = [const { None }; BATCH];
         let mut n = 0;
         while n < BATCH {
-            match q.pop() {
+            match self.handoff.take_for(self.id) {
                 Some(h) => {
                     held[n] = Some(h);
                     n += 1;
@@ -612,7 +641,7 @@ impl Worker {
         {
             let mut it = held.iter_mut();
             let mut frames: [Frame<'_>; BATCH] = std::array::from_fn(|_| match it.next() {
-                Some(Some(h)) => Frame { buf: &mut h.data[..], len: h.len, ifindex: h.ifindex },
+                Some(Some(h)) => h.frame(),
                 _ => Frame { buf: &mut [], len: 0, ifindex: 0 },
             });
             self.state.local_only = true;
@@ -627,7 +656,7 @@ impl Worker {
             if let Some(h) = held[k].take() {
                 let len = lens[k].min(h.data.len());
                 self.dispatch_bytes(&h.data[..len], ifs[k], verdicts[k], local, egress);
-                let _ = self.handoff.pool.push(h.data);
+                self.handoff.give_back(h);
             }
         }
     }
