@@ -78,6 +78,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use crate::ids::{BackendKey, Ids};
 use crate::skips::Skips;
 use crate::store::{Changes, ObjKey, Store};
+use dataplane::policy::PolicyUpdate;
 
 /// Annotation choosing the balancing algorithm of every port of a Service.
 pub const LB_ALGORITHM_ANNOTATION: &str = "kxdp.io/lb-algorithm";
@@ -131,12 +132,14 @@ pub struct Diff {
     pub upserts: Vec<Arc<CompiledPort>>,
     /// Service ports that are gone.
     pub removals: Vec<ServiceId>,
+    /// The whole NetworkPolicy state, when it changed.
+    pub policy: Option<Arc<PolicyUpdate>>,
 }
 
 impl Diff {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.upserts.is_empty() && self.removals.is_empty()
+        self.upserts.is_empty() && self.removals.is_empty() && self.policy.is_none()
     }
 }
 
@@ -259,6 +262,11 @@ impl Compiler {
     pub fn ids(&self) -> &Ids {
         &self.ids
     }
+    /// Adopts a running dataplane's ids before the first compilation (see [`Ids::adopt`]);
+    /// returns how many service and backend ids were adopted ((0, 0) once anything compiled).
+    pub fn adopt_ids(&mut self, map: &dataplane::sync::IdMap) -> (usize, usize) {
+        self.ids.adopt(map, Instant::now())
+    }
 
     /// Compiles every Service from scratch-equivalent: each is re-evaluated, unchanged
     /// outputs keep their `Arc`.
@@ -313,6 +321,7 @@ impl Compiler {
             generation: 0,
             upserts: upserts.into_values().collect(),
             removals: removals.into_iter().collect(),
+            policy: None,
         };
         if !diff.is_empty() {
             self.generation += 1;

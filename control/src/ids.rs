@@ -11,18 +11,26 @@
 //!   took the id over. If the same key comes back within the grace it gets its old id back.
 //!   We chose a grace (default [`DEFAULT_GRACE`]) over never reusing ids because pod churn
 //!   would otherwise grow backend ids, and every per-id array, without bound.
-//! - The allocator is per process: a restarted control plane starts afresh and the dataplane
-//!   receives a full snapshot (see `control::publish`).
+//! - A restarted control plane does not start afresh: before its first compilation it adopts
+//!   the ids the running dataplane reports in its hello ([`Ids::adopt`]). Adopted ids start
+//!   quarantined, so the same service or backend reclaims its old id when the compiler meets
+//!   it again (and the dataplane's flows, which remember ids, keep working), while ids whose
+//!   object has gone are freed only after the grace, like any released id.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use dataplane::sync::IdMap;
 use dataplane::tables::Protocol;
 
 /// Default quarantine of released ids.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(600);
+
+/// Largest jump over unused ids that [`IdSpace::adopt`] accepts: ids are dense, so a wider
+/// gap means a corrupt map, and following it would fill the free set with millions of ids.
+pub const MAX_ADOPT_GAP: u32 = 1 << 22;
 
 /// Key of a backend id.
 pub type BackendKey = (Ipv4Addr, u16, Protocol);
@@ -38,6 +46,8 @@ pub struct IdSpace<K: Hash + Eq + Clone> {
     free: BTreeSet<u32>,
     next: u32,
     grace: Duration,
+    /// Whether `acquire` ever ran (adoption is only allowed before).
+    acquired: bool,
 }
 
 impl<K: Hash + Eq + Clone> IdSpace<K> {
@@ -50,6 +60,7 @@ impl<K: Hash + Eq + Clone> IdSpace<K> {
             free: BTreeSet::new(),
             next: 1,
             grace,
+            acquired: false,
         }
     }
 
@@ -61,6 +72,7 @@ impl<K: Hash + Eq + Clone> IdSpace<K> {
     /// Takes one reference to `key`, allocating its id if needed. `None` only when all
     /// 2^32 - 1 ids are in use or quarantined.
     pub fn acquire(&mut self, key: &K, now: Instant) -> Option<u32> {
+        self.acquired = true;
         if let Some((id, refs)) = self.live.get_mut(key) {
             *refs += 1;
             return Some(*id);
@@ -112,6 +124,33 @@ impl<K: Hash + Eq + Clone> IdSpace<K> {
         }
     }
 
+    /// Records that `key` had `id` in a previous incarnation: it is quarantined as if
+    /// released at `now`, so `key` reclaims it and nothing else takes it within the grace.
+    /// Only before anything was acquired; an id of 0, an id or key already adopted, or an id
+    /// more than [`MAX_ADOPT_GAP`] above the highest so far (ids are dense) is refused
+    /// (`false`).
+    pub fn adopt(&mut self, key: &K, id: u32, now: Instant) -> bool {
+        if id == 0 || self.acquired || self.quarantined.contains_key(key) {
+            return false;
+        }
+        if id < self.next {
+            // Below the high-water mark: only a gap id is still free.
+            if !self.free.remove(&id) {
+                return false;
+            }
+        } else {
+            if id - self.next > MAX_ADOPT_GAP {
+                return false;
+            }
+            // The ids skipped over were nobody's: free at once.
+            self.free.extend(self.next..id);
+            self.next = id.wrapping_add(1);
+        }
+        self.quarantined.insert(key.clone(), (id, now));
+        self.expiry.push_back((now, id, key.clone()));
+        true
+    }
+
     /// How many keys are in use.
     pub fn live(&self) -> usize {
         self.live.len()
@@ -135,6 +174,30 @@ impl Ids {
     /// Both spaces with the same grace.
     pub fn new(grace: Duration) -> Self {
         Self { services: IdSpace::new(grace), backends: IdSpace::new(grace) }
+    }
+}
+
+impl Ids {
+    /// Adopts a dataplane's ids (see [`IdSpace::adopt`]); returns how many service and
+    /// backend ids were adopted. Entries refused (duplicates, 0, wild gaps) are skipped and
+    /// logged: they only cost those objects a fresh id.
+    pub fn adopt(&mut self, map: &IdMap, now: Instant) -> (usize, usize) {
+        let mut n = (0, 0);
+        for (id, name) in &map.services {
+            if self.services.adopt(name, *id, now) {
+                n.0 += 1;
+            } else {
+                tracing::warn!(id, name, "ids: service id not adopted");
+            }
+        }
+        for &(id, ip, port, proto) in &map.backends {
+            if self.backends.adopt(&(ip, port, proto), id, now) {
+                n.1 += 1;
+            } else {
+                tracing::warn!(id, %ip, port, "ids: backend id not adopted");
+            }
+        }
+        n
     }
 }
 
@@ -177,6 +240,37 @@ mod tests {
         assert_eq!(s.acquire(&"e".into(), t0 + g), Some(1));
         assert_eq!(s.acquire(&"f".into(), t0 + g), Some(2));
         assert_eq!(s.acquire(&"g".into(), t0 + g), Some(5));
+    }
+
+    #[test]
+    fn adopted_ids_are_reclaimed_by_their_keys_and_gaps_are_free() {
+        let t0 = Instant::now();
+        let g = Duration::from_secs(10);
+        let mut s = IdSpace::<String>::new(g);
+        assert!(s.adopt(&"x".into(), 5, t0));
+        assert!(s.adopt(&"y".into(), 2, t0));
+        assert!(!s.adopt(&"z".into(), 5, t0), "an id is adopted once");
+        assert!(!s.adopt(&"x".into(), 7, t0), "a key is adopted once");
+        assert!(!s.adopt(&"w".into(), 0, t0));
+        assert!(!s.adopt(&"w".into(), 6 + MAX_ADOPT_GAP + 1, t0));
+        // Keys met again get their ids; new keys take the gaps, then fresh ids.
+        assert_eq!(s.acquire(&"y".into(), t0), Some(2));
+        assert_eq!(s.acquire(&"new1".into(), t0), Some(1));
+        assert_eq!(s.acquire(&"x".into(), t0), Some(5));
+        assert_eq!(s.acquire(&"new2".into(), t0), Some(3));
+        assert_eq!(s.acquire(&"new3".into(), t0), Some(4));
+        assert_eq!(s.acquire(&"new4".into(), t0), Some(6));
+        assert!(!s.adopt(&"late".into(), 9, t0), "no adoption after the first acquire");
+    }
+
+    #[test]
+    fn adopted_ids_nobody_claims_are_freed_after_the_grace() {
+        let t0 = Instant::now();
+        let g = Duration::from_secs(10);
+        let mut s = IdSpace::<String>::new(g);
+        assert!(s.adopt(&"gone".into(), 1, t0));
+        assert_eq!(s.acquire(&"a".into(), t0), Some(2), "quarantined within the grace");
+        assert_eq!(s.acquire(&"b".into(), t0 + g), Some(1), "freed after it");
     }
 
     #[test]

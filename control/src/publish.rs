@@ -8,7 +8,9 @@
 //!   process last had acknowledged — a new dataplane process, a dataplane that applied
 //!   something else, or a new control process (which has acknowledged nothing yet);
 //! - otherwise a delta built from the changed ids (several diffs merge into one delta);
-//! - after an error reply, a snapshot (the dataplane kept its tables; this resynchronises).
+//! - after an error reply, a snapshot (the dataplane kept its tables; this resynchronises);
+//! - the NetworkPolicy state, whole, whenever it changed and after every snapshot (which
+//!   leaves the dataplane's policy as it was, so it is never stale for longer than that).
 //!
 //! Nothing is sent before the first diff arrives: the caller sends it only once its sources
 //! have listed everything, so a restarting control plane never pushes a partial or empty
@@ -24,12 +26,14 @@ use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use dataplane::policy::PolicyUpdate;
 use dataplane::sync::{
-    read_frame, write_frame, FrontendEntry, PortUpdate, ToControl, ToDataplane, PROTOCOL_VERSION,
+    read_frame, write_frame, FrontendEntry, IdMap, PortUpdate, ToControl, ToDataplane,
+    PROTOCOL_VERSION,
 };
 use dataplane::tables::ServiceId;
 
@@ -57,6 +61,8 @@ pub struct PublishStatus {
     pub snapshots: u64,
     /// Deltas acknowledged.
     pub deltas: u64,
+    /// Policy updates acknowledged.
+    pub policies: u64,
     /// Error replies received.
     pub errors: u64,
 }
@@ -90,6 +96,10 @@ struct State {
     dirty: BTreeSet<ServiceId>,
     acked: Option<(u64, u64)>,
     need_snapshot: bool,
+    /// The NetworkPolicy state (empty until the compiler produces one).
+    policy: Arc<PolicyUpdate>,
+    /// Whether `policy` has to be sent (changed, or the dataplane got a snapshot).
+    policy_dirty: bool,
 }
 
 impl State {
@@ -104,6 +114,10 @@ impl State {
             self.dirty.insert(p.id());
             self.current.insert(p.id(), p);
         }
+        if let Some(p) = d.policy {
+            self.policy = p;
+            self.policy_dirty = true;
+        }
     }
 
     /// The next message to send, if any.
@@ -115,6 +129,13 @@ impl State {
             return Some(ToDataplane::Snapshot {
                 generation: self.generation,
                 ports: self.current.values().map(|p| port_update(p)).collect(),
+            });
+        }
+        if self.policy_dirty {
+            return Some(ToDataplane::Policy {
+                base: self.acked.map_or(0, |(_, g)| g),
+                generation: self.generation,
+                policy: (*self.policy).clone(),
             });
         }
         let mut upserts = Vec::new();
@@ -135,11 +156,17 @@ impl State {
         Some(ToDataplane::Delta { base, generation: self.generation, upserts, removals })
     }
 
-    fn acknowledged(&mut self, epoch: u64, generation: u64, snapshot: bool) {
+    fn acknowledged(&mut self, epoch: u64, generation: u64, kind: Sent) {
         self.acked = Some((epoch, generation));
-        if snapshot {
+        if kind == Sent::Policy {
+            self.policy_dirty = false;
+            return;
+        }
+        if kind == Sent::Snapshot {
             self.sent = self.current.clone();
             self.dirty.clear();
+            // A snapshot leaves the dataplane's policy as it was: send ours after it.
+            self.policy_dirty = true;
         } else {
             // Only the changed ids differ: O(change), not O(state).
             for id in std::mem::take(&mut self.dirty) {
@@ -158,6 +185,7 @@ impl State {
 pub struct Publisher {
     tx: Option<mpsc::Sender<Diff>>,
     status: Arc<Mutex<PublishStatus>>,
+    hello: Arc<FirstHello>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -167,11 +195,21 @@ impl Publisher {
         let socket = socket.into();
         let (tx, rx) = mpsc::channel();
         let status = Arc::new(Mutex::new(PublishStatus::default()));
-        let st = status.clone();
+        let hello = Arc::new(FirstHello::default());
+        let (st, h) = (status.clone(), hello.clone());
         let thread = std::thread::Builder::new()
             .name("kxdp-publish".into())
-            .spawn(move || run(socket, rx, st))?;
-        Ok(Publisher { tx: Some(tx), status, thread: Some(thread) })
+            .spawn(move || run(socket, rx, st, h))?;
+        Ok(Publisher { tx: Some(tx), status, hello, thread: Some(thread) })
+    }
+
+    /// The ids named by the first dataplane hello this publisher received, waiting at most
+    /// `wait` for it (`None`: no dataplane answered in time).
+    pub fn first_hello(&self, wait: Duration) -> Option<IdMap> {
+        let FirstHello(slot, cv) = &*self.hello;
+        let guard = slot.lock().ok()?;
+        let (guard, _) = cv.wait_timeout_while(guard, wait, |s| s.is_none()).ok()?;
+        guard.clone()
     }
 
     /// Queues a diff (the first one marks the state complete and allows publication).
@@ -205,6 +243,29 @@ impl Drop for Publisher {
     }
 }
 
+/// The ids of the first hello received, for [`Publisher::first_hello`].
+#[derive(Debug, Default)]
+struct FirstHello(Mutex<Option<IdMap>>, Condvar);
+
+impl FirstHello {
+    fn offer(&self, ids: IdMap) {
+        if let Ok(mut s) = self.0.lock() {
+            if s.is_none() {
+                *s = Some(ids);
+                self.1.notify_all();
+            }
+        }
+    }
+}
+
+/// What kind of message was acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    Snapshot,
+    Delta,
+    Policy,
+}
+
 enum Flow {
     /// The caller went away.
     Stop,
@@ -212,7 +273,12 @@ enum Flow {
     Lost,
 }
 
-fn run(socket: PathBuf, rx: mpsc::Receiver<Diff>, status: Arc<Mutex<PublishStatus>>) {
+fn run(
+    socket: PathBuf,
+    rx: mpsc::Receiver<Diff>,
+    status: Arc<Mutex<PublishStatus>>,
+    hello: Arc<FirstHello>,
+) {
     let mut st = State::default();
     let mut backoff = BACKOFF_MIN;
     let mut failing = false;
@@ -224,7 +290,7 @@ fn run(socket: PathBuf, rx: mpsc::Receiver<Diff>, status: Arc<Mutex<PublishStatu
                 }
                 failing = false;
                 backoff = BACKOFF_MIN;
-                let flow = session(stream, &rx, &mut st, &status);
+                let flow = session(stream, &rx, &mut st, &status, &hello);
                 set(&status, |s| s.connected = false);
                 if let Flow::Stop = flow {
                     return;
@@ -266,13 +332,15 @@ fn session(
     rx: &mpsc::Receiver<Diff>,
     st: &mut State,
     status: &Mutex<PublishStatus>,
+    hello: &FirstHello,
 ) -> Flow {
     if stream.set_read_timeout(Some(REPLY_TIMEOUT)).is_err() {
         return Flow::Lost;
     }
     let _ = stream.set_write_timeout(Some(REPLY_TIMEOUT));
     let (epoch, generation) = match read_frame::<_, ToControl>(&mut stream) {
-        Ok(ToControl::Hello { version, epoch, generation }) if version == PROTOCOL_VERSION => {
+        Ok(ToControl::Hello { version, epoch, generation, ids }) if version == PROTOCOL_VERSION => {
+            hello.offer(ids);
             (epoch, generation)
         }
         Ok(other) => {
@@ -303,24 +371,25 @@ fn session(
             }
         }
         if let Some(msg) = st.next_message() {
-            let snapshot = matches!(msg, ToDataplane::Snapshot { .. });
-            let sent_gen = match &msg {
-                ToDataplane::Snapshot { generation, .. }
-                | ToDataplane::Delta { generation, .. } => *generation,
+            let (kind, sent_gen) = match &msg {
+                ToDataplane::Snapshot { generation, .. } => (Sent::Snapshot, *generation),
+                ToDataplane::Delta { generation, .. } => (Sent::Delta, *generation),
+                ToDataplane::Policy { generation, .. } => (Sent::Policy, *generation),
             };
+            let snapshot = kind == Sent::Snapshot;
             if let Err(e) = write_frame(&mut stream, &msg) {
                 tracing::warn!(error = %e, "publish: send failed; reconnecting");
                 return Flow::Lost;
             }
             match read_frame::<_, ToControl>(&mut stream) {
                 Ok(ToControl::Ack { generation }) if generation == sent_gen => {
-                    st.acknowledged(epoch, generation, snapshot);
+                    st.acknowledged(epoch, generation, kind);
                     set(status, |s| {
                         s.acked = Some((epoch, generation));
-                        if snapshot {
-                            s.snapshots += 1;
-                        } else {
-                            s.deltas += 1;
+                        match kind {
+                            Sent::Snapshot => s.snapshots += 1,
+                            Sent::Delta => s.deltas += 1,
+                            Sent::Policy => s.policies += 1,
                         }
                     });
                     tracing::debug!(generation, snapshot, "publish: acknowledged");

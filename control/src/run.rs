@@ -19,6 +19,11 @@ use crate::source::kube::{self as kube_source, ClientOptions, WatchStats};
 use crate::source::manifests::{embedded_objects, replace_events, ManifestDir, POLL_INTERVAL};
 use crate::store::{Event, Kind, Store};
 
+/// How long [`run`] waits for a running dataplane's hello (and its ids) before compiling.
+/// A dataplane that answers later has either no tables (it started after us) or gets a
+/// snapshot with fresh ids, as before adoption existed.
+pub const HELLO_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Store and compiler, fed by events.
 #[derive(Debug)]
 pub struct Controller {
@@ -45,6 +50,13 @@ impl Controller {
     /// The compiler.
     pub fn compiler(&self) -> &Compiler {
         &self.compiler
+    }
+    /// Adopts a running dataplane's ids; only effective before compilation starts.
+    pub fn adopt_ids(&mut self, map: &dataplane::sync::IdMap) -> (usize, usize) {
+        if self.started {
+            return (0, 0);
+        }
+        self.compiler.adopt_ids(map)
     }
     /// Whether every kind has been listed (compilation has started).
     pub fn started(&self) -> bool {
@@ -175,6 +187,18 @@ pub async fn run(source: Source, ctx: NodeContext, socket: PathBuf) -> anyhow::R
     start_source(&source, &ctx.name, tx).await?;
     let publisher = Publisher::spawn(&socket)?;
     let mut controller = Controller::new(ctx);
+    // A dataplane that is already running names the ids its tables (and flows) use: adopt
+    // them before compiling anything, so a control restart renumbers nothing.
+    match publisher.first_hello(HELLO_WAIT) {
+        Some(ids) => {
+            let (s, b) = controller.adopt_ids(&ids);
+            tracing::info!(services = s, backends = b, "adopted the dataplane's ids");
+        }
+        None => tracing::info!(
+            wait_ms = HELLO_WAIT.as_millis() as u64,
+            "no dataplane hello yet; ids start afresh"
+        ),
+    }
     drive(rx, &mut controller, |_, diff| publisher.send(diff)).await;
     publisher.shutdown();
     Ok(())

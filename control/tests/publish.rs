@@ -170,3 +170,64 @@ fn snapshot_deltas_control_restart_and_dataplane_restart() {
     publisher2.shutdown();
     server2.shutdown();
 }
+
+fn ids_by_name(t: &Tables) -> std::collections::BTreeMap<String, u32> {
+    t.services().map(|s| (s.spec().name.clone(), s.id())).collect()
+}
+
+#[test]
+fn a_restarted_control_plane_adopts_the_dataplane_ids_and_keeps_every_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let live = dataplane_tables();
+    let server =
+        Server::spawn(&sock, Arc::new(parking_lot::Mutex::new(Applier::new(live.clone()))))
+            .unwrap();
+
+    // History that a fresh allocation would not reproduce: echo arrives after the others.
+    let mut skips = control::skips::Skips::new();
+    let all = embedded_objects(&mut skips);
+    let is_echo = |o: &Object| o.meta().name.as_deref().is_some_and(|n| n.starts_with("echo"));
+    let (echo, rest): (Vec<Object>, Vec<Object>) = all.iter().cloned().partition(is_echo);
+    assert!(!echo.is_empty());
+    let mut ctl = Controller::new(ctx());
+    let publisher = Publisher::spawn(&sock).unwrap();
+    publisher.send(ctl.handle(replace_events(rest)).expect("first diff"));
+    publisher.send(ctl.handle(echo.into_iter().map(Event::Apply)).expect("echo diff"));
+    wait_for("four services", || live.load().services().count() == 4);
+    let before = live.load_full();
+    publisher.shutdown();
+
+    // Without adoption a new control plane would renumber: the test can tell.
+    let mut fresh = Controller::new(ctx());
+    fresh.handle(replace_events(all.clone())).expect("diff");
+    let fresh_ids: std::collections::BTreeMap<String, u32> =
+        fresh.compiler().ports().values().map(|p| (p.port.spec().name.clone(), p.id())).collect();
+    assert_ne!(fresh_ids, ids_by_name(&before), "the history must matter for this test");
+
+    // The restart: hello first, adopt, then compile and publish.
+    let mut ctl2 = Controller::new(ctx());
+    let publisher2 = Publisher::spawn(&sock).unwrap();
+    let ids = publisher2.first_hello(Duration::from_secs(10)).expect("hello from the dataplane");
+    assert_eq!(ctl2.adopt_ids(&ids).0, 4);
+    publisher2.send(ctl2.handle(replace_events(all)).expect("first diff"));
+    wait_for("resync", || publisher2.status().snapshots == 1);
+    let after = live.load_full();
+    assert!(after.generation() > before.generation());
+    assert_eq!(ids_by_name(&after), ids_by_name(&before));
+    for s in before.services() {
+        let now = after.service_arc(s.id()).expect("same id");
+        assert!(Arc::ptr_eq(s, now), "{} was rebuilt: its flows would lose state", s.spec().name);
+    }
+    assert_eq!(ctl2.adopt_ids(&ids), (0, 0), "no adoption once compiled");
+    publisher2.shutdown();
+    server.shutdown();
+}
+
+#[test]
+fn first_hello_gives_up_when_no_dataplane_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let publisher = Publisher::spawn(dir.path().join("nobody.sock")).unwrap();
+    assert_eq!(publisher.first_hello(Duration::from_millis(300)), None);
+    publisher.shutdown();
+}

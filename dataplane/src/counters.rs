@@ -61,6 +61,10 @@ reasons! {
         IcmpToVip => "icmp_to_vip",
         /// Traffic to a service address on a port or protocol it does not serve.
         VipNoPort => "vip_no_port",
+        /// A new connection the source pod's egress NetworkPolicy does not allow.
+        PolicyEgress => "policy_egress",
+        /// A new connection the destination pod's ingress NetworkPolicy does not allow.
+        PolicyIngress => "policy_ingress",
     }
 }
 
@@ -121,6 +125,8 @@ pub struct Counters {
     pub snat_flows: u64,
     /// Frames handed to the worker that owns their flow.
     pub handed_off: u64,
+    /// Connections between pods (no service) that NetworkPolicy allowed and conntrack tracks.
+    pub policy_flows: u64,
 }
 
 impl Counters {
@@ -170,6 +176,7 @@ impl Counters {
         self.icmp_errors_translated += o.icmp_errors_translated;
         self.fragments_translated += o.fragments_translated;
         self.udp_rebalanced += o.udp_rebalanced;
+        self.policy_flows += o.policy_flows;
         self.snat_flows += o.snat_flows;
         self.handed_off += o.handed_off;
     }

@@ -24,6 +24,7 @@ pub mod maglev;
 pub mod mem;
 pub mod netlink;
 pub mod pipeline;
+pub mod policy;
 pub mod sync;
 pub mod tables;
 pub mod wire;

@@ -372,6 +372,52 @@ fn l4(
     if t.is_vip(key.dst) {
         return Verdict::Drop(DropReason::VipNoPort);
     }
+    let pol = t.policy();
+    if pol.active() && (pol.isolated(key.src) || pol.isolated(key.dst)) {
+        return new_plain_flow(f, o, t, w, now, key, h, flags);
+    }
+    forward_plain(f, o, t, w, key.dst)
+}
+
+/// A connection between pod addresses (no service) that NetworkPolicy isolates on either
+/// side: checked, then tracked (with no translation) so its replies pass without a check.
+///
+/// Ownership: like a service flow, a tracked plain flow lives with the worker owning its
+/// client side, here its source. A miss first went to the owner of its destination (where it
+/// would be, were it a reply), so a frame handed over once may be handed on once more, to the
+/// owner of its source, which then processes it: at most two hops.
+#[allow(clippy::too_many_arguments)]
+#[cold]
+fn new_plain_flow(
+    f: &mut Frame<'_>,
+    o: &Offsets,
+    t: &Tables,
+    w: &mut WorkerState,
+    now: u64,
+    key: FlowKey,
+    h: u64,
+    flags: u8,
+) -> Verdict {
+    if w.workers > 1 {
+        let owner = owner_of(t, key.src, key.sport, w.workers);
+        if owner != w.worker_id {
+            return Verdict::Handoff { worker: owner };
+        }
+    }
+    if key.proto == IPPROTO_TCP && flags & tcp_flags::RST != 0 {
+        return Verdict::Drop(DropReason::TcpNoFlow);
+    }
+    if let Err(r) = t.policy().check(key.src, key.dst, key.proto, key.dport) {
+        return Verdict::Drop(r);
+    }
+    let reply = key.reversed();
+    let h_reply = w.ct.hash(&reply);
+    // A reply key in use belongs to another flow (a service flow whose backend answers from
+    // this very tuple): forward without tracking rather than disturb it.
+    if w.ct.lookup_hashed(&reply, h_reply, now).is_none() {
+        w.ct.insert_hashed(Flow::new(key, reply, 0, 0, t.generation()), h, h_reply, flags, now);
+        w.counters.policy_flows += 1;
+    }
     forward_plain(f, o, t, w, key.dst)
 }
 
@@ -465,6 +511,10 @@ fn new_flow(
         return reject(f, o, w);
     };
     let cand = svc.candidates()[usize::from(ci)];
+    // NetworkPolicy sees the backend pod, not the service address (as after kube-proxy's DNAT).
+    if let Err(r) = t.policy().check(key.src, cand.ip, key.proto, cand.port) {
+        return Verdict::Drop(r);
+    }
     let local = svc.backend(cand.id).is_none_or(|b| b.local);
     // Hairpin (a client reaching itself through the service) and masqueraded external
     // traffic to other nodes need the source rewritten so replies come back through us.
@@ -790,6 +840,10 @@ fn icmp(f: &mut Frame<'_>, o: &Offsets, t: &Tables, w: &mut WorkerState, now: u6
         }
         3 | 11 | 12 => icmp_error(f, o, t, w, now),
         _ if t.is_vip(dst) => Verdict::Drop(DropReason::IcmpToVip),
+        8 => match t.policy().check(ip::src(f.buf, l3), dst, IPPROTO_ICMP, 0) {
+            Ok(()) => forward_plain(f, o, t, w, dst),
+            Err(r) => Verdict::Drop(r),
+        },
         _ => forward_plain(f, o, t, w, dst),
     }
 }

@@ -5,8 +5,11 @@
 //! socket (mode 0600: root only); the control plane connects and the exchange is:
 //!
 //! 1. the dataplane sends [`ToControl::Hello`] with its `epoch` (random, new each time the
-//!    dataplane process starts) and the last control `generation` it applied in that epoch
-//!    (0: none);
+//!    dataplane process starts), the last control `generation` it applied in that epoch
+//!    (0: none) and the [`IdMap`] of its live tables (which name each service and backend id
+//!    stands for). A control plane that has not compiled anything yet adopts those ids, so a
+//!    restarted control plane gives every unchanged service and backend the id it had: the
+//!    dataplane's conntrack entries, which remember ids, keep working across the restart;
 //! 2. if that (epoch, generation) is not what the control plane last had acknowledged, it
 //!    sends a [`ToDataplane::Snapshot`] of every service port; otherwise it goes on with
 //!    [`ToDataplane::Delta`]s (service-port upserts with their frontends, removals), each
@@ -44,13 +47,14 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{PolicyError, PolicyTables, PolicyUpdate};
 use crate::tables::{
-    Backend, Frontend, FrontendKey, FrontendKind, ServiceId, ServicePort, ServiceSpec, TableError,
-    Tables,
+    Backend, BackendId, Frontend, FrontendKey, FrontendKind, Protocol, ServiceId, ServicePort,
+    ServiceSpec, TableError, Tables,
 };
 
-/// Version of this protocol, sent in the hello.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of this protocol, sent in the hello (2: the hello carries the [`IdMap`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted in either direction (64 MiB: roughly a million backends).
 pub const MAX_FRAME: usize = 64 << 20;
 /// How long a reply may block on a client that does not read.
@@ -80,6 +84,34 @@ pub struct PortUpdate {
     pub frontends: Vec<FrontendEntry>,
 }
 
+/// What the ids of a dataplane's live tables stand for: service ports by name, backends by
+/// (address, port, protocol). Sorted by id, each id once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMap {
+    /// (id, `namespace/name:port` as in [`ServiceSpec::name`]).
+    pub services: Vec<(ServiceId, String)>,
+    /// (id, address, port, protocol).
+    pub backends: Vec<(BackendId, Ipv4Addr, u16, Protocol)>,
+}
+
+impl IdMap {
+    /// The ids in use in `t`.
+    pub fn of(t: &Tables) -> IdMap {
+        let mut services = Vec::new();
+        let mut backends = Vec::new();
+        for p in t.services() {
+            services.push((p.id(), p.spec().name.clone()));
+            for b in p.backends() {
+                backends.push((b.id, b.ip, b.port, p.spec().proto));
+            }
+        }
+        services.sort_unstable();
+        backends.sort_by_key(|b| b.0);
+        backends.dedup_by_key(|b| b.0);
+        IdMap { services, backends }
+    }
+}
+
 /// Control plane -> dataplane.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToDataplane {
@@ -101,6 +133,16 @@ pub enum ToDataplane {
         /// Service ports removed (with all their frontends).
         removals: Vec<ServiceId>,
     },
+    /// Replace the NetworkPolicy tables (service ports unchanged). Sequenced like a delta;
+    /// a control plane sends one after every snapshot, so policy is never left stale.
+    Policy {
+        /// The generation this applies on top of.
+        base: u64,
+        /// The generation it produces.
+        generation: u64,
+        /// The whole policy state.
+        policy: PolicyUpdate,
+    },
 }
 
 /// Dataplane -> control plane.
@@ -114,6 +156,8 @@ pub enum ToControl {
         epoch: u64,
         /// Last control generation applied in this epoch (0: none).
         generation: u64,
+        /// The ids of the live tables.
+        ids: IdMap,
     },
     /// The message producing `generation` is live.
     Ack {
@@ -203,6 +247,9 @@ pub enum ApplyError {
     /// The tables refused a service port.
     #[error("{0}")]
     Table(#[from] TableError),
+    /// The policy tables refused an update.
+    #[error("policy: {0}")]
+    Policy(#[from] PolicyError),
     /// A service id appears twice in one message.
     #[error("service {0} appears twice in one message")]
     DuplicateService(ServiceId),
@@ -229,6 +276,8 @@ pub struct SyncStats {
     pub snapshots: AtomicU64,
     /// Deltas applied.
     pub deltas: AtomicU64,
+    /// Policy updates applied.
+    pub policies: AtomicU64,
     /// Messages that did not decode (error reply sent).
     pub malformed: AtomicU64,
     /// Messages refused by the applier (error reply sent).
@@ -310,6 +359,7 @@ impl Applier {
             version: PROTOCOL_VERSION,
             epoch: self.epoch,
             generation: self.generation,
+            ids: IdMap::of(&self.live.load()),
         }
     }
 
@@ -320,6 +370,9 @@ impl Applier {
             ToDataplane::Snapshot { generation, ports } => self.snapshot(generation, ports),
             ToDataplane::Delta { base, generation, upserts, removals } => {
                 self.delta(base, generation, upserts, removals)
+            }
+            ToDataplane::Policy { base, generation, policy } => {
+                self.policy(base, generation, policy)
             }
         };
         if r.is_err() {
@@ -357,6 +410,7 @@ impl Applier {
         let mut b = Tables::builder(cur.generation() + 1)
             .routes(cur.routes().clone())
             .snat_ip(cur.snat_ip());
+        b.set_policy(cur.policy_arc().clone());
         let mut by_service: HashMap<ServiceId, Vec<FrontendKey>> = HashMap::new();
         for p in ports {
             let id = p.spec.id;
@@ -428,8 +482,9 @@ impl Applier {
         let cur = self.live.load_full();
         let mut b = cur.next();
         for id in &removals {
-            b.remove_service(*id);
-            for k in self.by_service.remove(id).unwrap_or_default() {
+            let keys = self.by_service.remove(id).unwrap_or_default();
+            b.remove_service(*id, &keys);
+            for k in keys {
                 if self.owners.get(&k) == Some(id) {
                     self.owners.remove(&k);
                 }
@@ -468,6 +523,22 @@ impl Applier {
         self.live.store(Arc::new(b.build()));
         self.generation = generation;
         SyncStats::bump(&self.stats.deltas);
+        Ok(generation)
+    }
+}
+
+impl Applier {
+    fn policy(&mut self, base: u64, generation: u64, u: PolicyUpdate) -> Result<u64, ApplyError> {
+        if base != self.generation {
+            return Err(ApplyError::OutOfSequence { base, have: self.generation });
+        }
+        let p = PolicyTables::build(u)?;
+        let cur = self.live.load_full();
+        let mut b = cur.next();
+        b.set_policy(Arc::new(p));
+        self.live.store(Arc::new(b.build()));
+        self.generation = generation;
+        SyncStats::bump(&self.stats.policies);
         Ok(generation)
     }
 }
@@ -881,7 +952,12 @@ mod tests {
         let epoch = applier.lock().epoch();
         assert_eq!(
             read_frame::<_, ToControl>(&mut c).unwrap(),
-            ToControl::Hello { version: PROTOCOL_VERSION, epoch, generation: 0 }
+            ToControl::Hello {
+                version: PROTOCOL_VERSION,
+                epoch,
+                generation: 0,
+                ids: IdMap::default()
+            }
         );
         // A garbage body: error reply, connection still usable.
         c.write_all(&[2, 0, 0, 0, 0xff, 0xff]).unwrap();
@@ -901,6 +977,16 @@ mod tests {
             Err(FrameError::Closed | FrameError::Io(_))
         ));
         assert_eq!(live.load().services().count(), 1);
+        // A new connection's hello names what the live ids stand for.
+        let mut c2 = UnixStream::connect(&path).unwrap();
+        let ToControl::Hello { generation, ids, .. } = read_frame::<_, ToControl>(&mut c2).unwrap()
+        else {
+            panic!("no hello")
+        };
+        assert_eq!(generation, 4);
+        assert_eq!(ids.services, vec![(1, "ns/svc1:http".to_string())]);
+        assert_eq!(ids.backends, vec![(1, Ipv4Addr::new(10, 244, 0, 1), 8080, Protocol::Tcp)]);
+        drop(c2);
         {
             let a = applier.lock();
             assert_eq!(SyncStats::get(&a.stats().malformed), 1);
