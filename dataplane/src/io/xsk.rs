@@ -20,6 +20,13 @@
 //! free stack: the kernel no longer touches them once the socket is closed (copy mode copies
 //! frames into socket buffers; the rings themselves are unmapped with the socket).
 //!
+//! One caveat comes from libxdp: the first socket created on a UMEM uses the UMEM's own file
+//! descriptor, which libxdp closes only with the UMEM, so closing that socket leaves it bound
+//! to its (device, queue) until the worker's pool goes. The dataplane closes sockets when
+//! their interface is deleted (the kernel unbinds them then) or renamed out of the selection;
+//! in the second case that one queue stays bound, and taking the interface over again fails
+//! on it (busy, logged) until a restart.
+//!
 //! Sockets are created with libxdp's program loading inhibited: our own XDP program (crate
 //! `xdp-redirect`) is loaded separately and the socket fds are inserted into its XSKMAP.
 
