@@ -422,7 +422,7 @@ impl Dataplane {
             };
             for q in the_plan.queues.iter().filter(|q| q.iface == s.name) {
                 let w = dense[&q.worker.min(nworkers - 1)];
-                dp.open_socket(&mut m, q.queue, w)?;
+                dp.open_socket(&mut m, q.queue, w, None)?;
             }
             dp.ifaces.push(m);
         }
@@ -506,7 +506,13 @@ impl Dataplane {
 
     /// Opens interface `m`'s socket on `queue` for worker `w` (sharing its UMEM when the
     /// configuration and the kernel allow) and sends it to the worker.
-    fn open_socket(&mut self, m: &mut Managed, queue: u32, w: usize) -> Result<(), StartError> {
+    fn open_socket(
+        &mut self,
+        m: &mut Managed,
+        queue: u32,
+        w: usize,
+        adopted: Option<&Sender<()>>,
+    ) -> Result<(), StartError> {
         let share = self.umems.get(w).and_then(|u| u.as_ref());
         let deadline = Instant::now() + Duration::from_secs(5);
         // Retry while the queue is busy: the kernel releases the sockets of a process that
@@ -535,7 +541,11 @@ impl Dataplane {
         tracing::info!(iface = %m.name, ifindex = m.ifindex, queue, worker = w, shared = port.shared, "AF_XDP socket open");
         let fd = port.fd();
         self.commands[w]
-            .send(Command::Add(Box::new(port), pool.map(Box::new)))
+            .send(Command::Add {
+                port: Box::new(port),
+                pool: pool.map(Box::new),
+                adopted: adopted.cloned(),
+            })
             .map_err(|_| StartError::Plan("worker gone".into()))?;
         m.queues.push((queue, w, fd));
         Ok(())
@@ -638,15 +648,26 @@ impl Dataplane {
             prog: None,
             attachment: None,
         };
+        let (adopted, acks) = crossbeam::channel::unbounded();
         for &q in &info.queues {
             let w = (0..load.len()).min_by_key(|&w| (load[w], w)).unwrap_or(0);
-            if let Err(e) = self.open_socket(&mut m, q, w) {
+            if let Err(e) = self.open_socket(&mut m, q, w, Some(&adopted)) {
                 self.ifaces.push(m);
                 let k = self.ifaces.len() - 1;
                 self.remove_iface(k);
                 return Err(e);
             }
             load[w] += 1;
+        }
+        // Steer traffic to the sockets only once their workers have stocked their fill rings
+        // (bounded: a worker is at most one round away).
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for _ in 0..m.queues.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if acks.recv_timeout(left).is_err() {
+                tracing::warn!(iface = %m.name, "a worker did not take its socket within 1 s");
+                break;
+            }
         }
         self.ifaces.push(m);
         let k = self.ifaces.len() - 1;

@@ -120,8 +120,15 @@ impl Handoff {
 
 /// What the dataplane tells a worker between rounds.
 pub enum Command {
-    /// Poll this socket from now on; with a pool when it does not share the worker's UMEM.
-    Add(Box<Port>, Option<Box<Pool>>),
+    /// Poll this socket from now on.
+    Add {
+        /// The socket.
+        port: Box<Port>,
+        /// Its own pool, when it does not share the worker's UMEM.
+        pool: Option<Box<Pool>>,
+        /// Told once the socket's fill ring is stocked (so its XDP program may be attached).
+        adopted: Option<crossbeam::channel::Sender<()>>,
+    },
     /// Close every socket on this interface (it is gone) and take its frames back.
     Remove {
         /// The interface.
@@ -293,10 +300,17 @@ impl Worker {
         Layout { local, pollfds }
     }
 
-    fn command(&mut self, cmd: Command) {
+    /// Carries out a command; returns whom to tell once the new port's fill ring is stocked.
+    fn command(&mut self, cmd: Command) -> Option<crossbeam::channel::Sender<()>> {
         match cmd {
-            Command::Add(port, pool) => self.add_port(*port, pool.map(|p| *p)),
-            Command::Remove { ifindex } => self.remove_ports(ifindex),
+            Command::Add { port, pool, adopted } => {
+                self.add_port(*port, pool.map(|p| *p));
+                adopted
+            }
+            Command::Remove { ifindex } => {
+                self.remove_ports(ifindex);
+                None
+            }
         }
     }
 
@@ -367,12 +381,24 @@ impl Worker {
         let mut last_publish = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             let mut changed = false;
-            while let Ok(cmd) = self.commands.try_recv() {
-                self.command(cmd);
+            let mut acks: [Option<crossbeam::channel::Sender<()>>; 4] = Default::default();
+            let mut k = 0;
+            while k < acks.len() {
+                let Ok(cmd) = self.commands.try_recv() else { break };
+                acks[k] = self.command(cmd);
+                k += 1;
                 changed = true;
             }
             if changed {
                 layout = self.layout();
+                for k in 0..self.ports.len() {
+                    if let Some(Some(pool)) = self.pools.get_mut(self.ports[k].pool) {
+                        self.ports[k].refill(pool);
+                    }
+                }
+                for a in acks.iter_mut().filter_map(Option::take) {
+                    let _ = a.send(());
+                }
             }
             let tables = self.live.load();
             let egress = self.handoff.egress.load_full();
