@@ -227,11 +227,13 @@ impl Proc {
             .map_err(|e| format!("{}: {e}", args.join(" ")))?;
         Ok(Proc { child, log: log.into() })
     }
-    /// Stops it (SIGTERM, up to 10 s, then SIGKILL); returns whether it exited by itself.
+    /// Stops it (SIGTERM, up to 20 s, then SIGKILL); returns whether it exited by itself.
+    /// (Closing AF_XDP sockets and detaching XDP wait for RCU and the rtnl lock, which take
+    /// seconds when other tests create and delete namespaces at the same time.)
     pub fn stop(&mut self) -> bool {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return true;
