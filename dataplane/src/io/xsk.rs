@@ -90,7 +90,7 @@ struct Area {
 // a whole and is used by one thread at a time.
 unsafe impl Send for Area {}
 
-/// Frames the kernel sends per tx kick in copy mode (`xsk_generic_xmit`'s batch).
+/// Frames the kernel sends per tx kick in copy mode (`TX_BATCH_SIZE` in `net/xdp/xsk.c`).
 pub const KICK_BUDGET: usize = 32;
 /// Kicks per flush at most (a batch of 64 needs 2; more drains a backlog).
 const MAX_KICKS: usize = 4;
@@ -517,13 +517,18 @@ impl Port {
                 pool.recycle(d);
             }
         }
+        // Kick until the kernel has taken every entry of the ring (it may still be completing
+        // them), bounded per round.
         for _ in 0..MAX_KICKS {
-            self.reap(pool);
-            if self.in_tx == 0 || !self.tx.needs_wakeup() {
+            if self.in_tx == 0
+                || self.tx.nb_free_exact() as usize >= self.ring
+                || !self.tx.needs_wakeup()
+            {
                 break;
             }
             let _ = self.tx.wakeup();
         }
+        self.reap(pool);
     }
 
     /// Takes back frames the kernel finished sending.
