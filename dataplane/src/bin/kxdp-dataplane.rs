@@ -134,7 +134,8 @@ fn main() {
         }
     };
     tracing::info!("forwarding");
-    let r = dataplane::io::run_until(&dp, &stop, args.stats_file.as_deref(), args.stats_interval);
+    let r =
+        dataplane::io::run_until(&mut dp, &stop, args.stats_file.as_deref(), args.stats_interval);
     tracing::info!("stopping");
     dp.shutdown();
     if let Err(e) = r {
