@@ -9,6 +9,8 @@
 //!   Namespaces, Nodes), which records what each event changed.
 //! - [`compile`]: the Kubernetes service semantics (as kube-proxy implements them) turned into
 //!   the dataplane's service ports and frontends, incrementally, with stable ids from [`ids`].
+//! - [`policy`]: NetworkPolicy (with Pods and Namespaces) turned into the dataplane's
+//!   identities, address ranges and allow sets, incrementally.
 //! - [`dump`]: a readable, deterministic text form of compiled tables (golden tests, `--dump`).
 //! - [`publish`]: the client that keeps the dataplane process in step over its Unix socket
 //!   (full snapshot when the dataplane's state is unknown, deltas otherwise).
@@ -20,6 +22,7 @@
 pub mod compile;
 pub mod dump;
 pub mod ids;
+pub mod policy;
 pub mod publish;
 pub mod run;
 pub mod skips;
