@@ -15,6 +15,7 @@
 //! - [`publish`]: the client that keeps the dataplane process in step over its Unix socket
 //!   (full snapshot when the dataplane's state is unknown, deltas otherwise).
 //! - [`run`]: the loop tying them together.
+//! - [`synthetic`]: generated clusters (namespaces, pods, policies) for benchmarks.
 //!
 //! Nothing here panics on bad input: refused input is logged with a reason and counted in
 //! [`skips::Skips`].
@@ -28,3 +29,4 @@ pub mod run;
 pub mod skips;
 pub mod source;
 pub mod store;
+pub mod synthetic;

@@ -760,11 +760,15 @@ impl PolicyCompiler {
         }
         let mut dirty_pods = changes.pods.clone();
         for ns in &changes.namespaces {
-            let labels = match store.get(Kind::Namespace, &ObjKey::new("", ns.as_str())) {
-                Some(Object::Namespace(n)) => n.metadata.labels.clone().unwrap_or_default(),
-                _ => Labels::new(),
-            };
-            self.ns_labels.insert(ns.clone(), labels);
+            match store.get(Kind::Namespace, &ObjKey::new("", ns.as_str())) {
+                Some(Object::Namespace(n)) => {
+                    let labels = n.metadata.labels.clone().unwrap_or_default();
+                    self.ns_labels.insert(ns.clone(), labels);
+                }
+                _ => {
+                    self.ns_labels.remove(ns);
+                }
+            }
             let lo = ObjKey::new(ns.as_str(), "");
             dirty_pods.extend(
                 self.pods
@@ -772,9 +776,7 @@ impl PolicyCompiler {
                     .take_while(|(k, _)| k.namespace == *ns)
                     .map(|(k, _)| k.clone()),
             );
-            dirty_pods.extend(
-                store.iter(Kind::Pod).filter(|(k, _)| k.namespace == *ns).map(|(k, _)| k.clone()),
-            );
+            dirty_pods.extend(store.iter_namespace(Kind::Pod, ns).map(|(k, _)| k.clone()));
         }
         for key in &dirty_pods {
             self.update_pod(store, key);

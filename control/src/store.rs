@@ -350,6 +350,17 @@ impl Store {
         self.objects[kind.index()].iter()
     }
 
+    /// Every object of `kind` in namespace `ns`, sorted by name.
+    pub fn iter_namespace<'a>(
+        &'a self,
+        kind: Kind,
+        ns: &'a str,
+    ) -> impl Iterator<Item = (&'a ObjKey, &'a Object)> + 'a {
+        self.objects[kind.index()]
+            .range(ObjKey::new(ns, "")..)
+            .take_while(move |(k, _)| k.namespace == ns)
+    }
+
     /// The Service at `key`.
     pub fn service(&self, key: &ObjKey) -> Option<&Arc<Service>> {
         match self.get(Kind::Service, key) {
