@@ -2,7 +2,10 @@
 //!
 //! Addresses are fictional and only ever used in memory (or inside test network namespaces).
 
+pub mod chart;
 pub mod kubeproxy;
+pub mod load;
+pub mod restore;
 
 use std::net::Ipv4Addr;
 

@@ -240,11 +240,11 @@ fn main() {
 /// the development machine) and the full size does not finish in minutes. Each
 /// series stops when the budget would be exceeded; what was cut is printed.
 mod kube_proxy {
-    use std::io::{Read, Seek, Write};
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     use std::time::{Duration, Instant};
 
-    use kxdp_benches::kubeproxy::{self as kp, Endpoint, ServicePort};
+    use kxdp_benches::kubeproxy::{self as kp, ServicePort};
+    use kxdp_benches::restore::{Changes, Run};
 
     use super::{Kxdp, ENDPOINTS, SERVICES};
 
@@ -290,74 +290,9 @@ mod kube_proxy {
         }
     }
 
-    /// One timed process run.
-    #[derive(Clone, Copy)]
-    struct Run {
-        time: Duration,
-        /// Peak RSS of the restore process (sampled from /proc every 20 ms).
-        peak_rss_kib: u64,
-    }
-
-    fn vm_hwm_kib(pid: u32) -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-            })
-            .unwrap_or(0)
-    }
-
-    /// Runs `argv` in `ns` with `input` on stdin; fails on a non-zero exit, any stderr
-    /// output, or `timeout` (the child, which this function started, is killed by its id).
+    /// `kxdp_benches::restore::run` in our namespace.
     fn run(ns: &Netns, argv: &[&str], input: &str, timeout: Duration) -> Result<Run, String> {
-        let mut err = tempfile::tempfile().map_err(|e| e.to_string())?;
-        let t0 = Instant::now();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .args(argv)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(err.try_clone().map_err(|e| e.to_string())?)
-            .spawn()
-            .map_err(|e| format!("{}: {e}", argv[0]))?;
-        let pid = child.id();
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        let outcome = std::thread::scope(|s| {
-            s.spawn(move || {
-                // A child that fails early closes the pipe; its exit status reports that.
-                let _ = stdin.write_all(input.as_bytes());
-            });
-            let mut peak = 0;
-            let mut last_sample = t0;
-            loop {
-                match child.try_wait() {
-                    Ok(Some(status)) => return Ok((status, t0.elapsed(), peak)),
-                    Ok(None) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
-                if last_sample.elapsed() >= Duration::from_millis(20) {
-                    peak = peak.max(vm_hwm_kib(pid));
-                    last_sample = Instant::now();
-                }
-                if t0.elapsed() > timeout {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!("timed out after {:.0} s", timeout.as_secs_f64()));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        });
-        let (status, time, peak) = outcome?;
-        let mut msg = String::new();
-        let _ = err.rewind();
-        let _ = err.read_to_string(&mut msg);
-        if !status.success() || !msg.trim().is_empty() {
-            let first: Vec<&str> = msg.lines().take(3).collect();
-            return Err(format!("{} failed ({status}): {}", argv[0], first.join(" | ")));
-        }
-        Ok(Run { time, peak_rss_kib: peak })
+        kxdp_benches::restore::run(&ns.name, argv, input, timeout)
     }
 
     /// The wall-clock budget of the whole comparison.
@@ -375,41 +310,6 @@ mod kube_proxy {
         fn allow(&self, expect: Duration, cap: Duration) -> Option<Duration> {
             let left = self.left();
             (left > expect + expect / 4).then(|| left.min(cap))
-        }
-    }
-
-    /// One-endpoint changes in sequence: even steps remove an endpoint of some service, odd
-    /// steps put it back, so every step is one endpoint change from what the kernel holds.
-    struct Changes {
-        step: usize,
-        removed: Option<(usize, usize, Endpoint)>,
-    }
-
-    impl Changes {
-        fn new() -> Self {
-            Self { step: 0, removed: None }
-        }
-
-        /// Applies the next change to `ports`; returns the changed service port and the
-        /// endpoint that went away (for nftables' stale-chain flush).
-        fn next(&mut self, ports: &mut [ServicePort]) -> (usize, Option<Endpoint>) {
-            self.step += 1;
-            if let Some((s, e, ep)) = self.removed.take() {
-                ports[s].endpoints.insert(e, ep);
-                return (s, None);
-            }
-            let k = self.step / 2;
-            let s = (k * 7919) % ports.len();
-            let e = k % ports[s].endpoints.len();
-            let ep = ports[s].endpoints.remove(e);
-            self.removed = Some((s, e, ep));
-            (s, Some(ep))
-        }
-
-        fn undo(self, ports: &mut [ServicePort]) {
-            if let Some((s, e, ep)) = self.removed {
-                ports[s].endpoints.insert(e, ep);
-            }
         }
     }
 

@@ -471,7 +471,22 @@ pub fn push_snapshot(
     generation: u64,
     ports: Vec<dataplane::sync::PortUpdate>,
 ) -> Result<(), String> {
-    use dataplane::sync::{read_frame, write_frame, ToControl, ToDataplane};
+    push(socket, dataplane::sync::ToDataplane::Snapshot { generation, ports }, generation)
+}
+
+/// Sends NetworkPolicy tables (on top of `base`) and waits for their acknowledgement.
+pub fn push_policy(
+    socket: &Path,
+    base: u64,
+    generation: u64,
+    policy: dataplane::policy::PolicyUpdate,
+) -> Result<(), String> {
+    push(socket, dataplane::sync::ToDataplane::Policy { base, generation, policy }, generation)
+}
+
+/// Sends one message on a new control connection and waits for the ack of `generation`.
+fn push(socket: &Path, msg: dataplane::sync::ToDataplane, generation: u64) -> Result<(), String> {
+    use dataplane::sync::{read_frame, write_frame, ToControl};
     let mut s = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|e| format!("{}: {e}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
@@ -479,7 +494,7 @@ pub fn push_snapshot(
     if !matches!(hello, ToControl::Hello { .. }) {
         return Err(format!("expected hello, got {hello:?}"));
     }
-    write_frame(&mut s, &ToDataplane::Snapshot { generation, ports }).map_err(|e| e.to_string())?;
+    write_frame(&mut s, &msg).map_err(|e| e.to_string())?;
     match read_frame::<_, ToControl>(&mut s).map_err(|e| e.to_string())? {
         ToControl::Ack { generation: g } if g == generation => Ok(()),
         other => Err(format!("expected ack of {generation}, got {other:?}")),

@@ -20,6 +20,8 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
 /// Bytes per UMEM frame.
 pub const FRAME_SIZE: u32 = 2048;
+/// Frames a copy-mode socket transmits per `sendto` (`TX_BATCH_SIZE` in `net/xdp/xsk.c`).
+const COPY_TX_BATCH: usize = 32;
 
 /// Why a socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,8 @@ pub struct Port {
     /// Frames queued for transmission at the end of the batch.
     tx_pending: Vec<FrameDesc>,
     fill_target: usize,
+    /// Entries of the tx ring.
+    tx_size: u32,
     /// Frames dropped because the tx ring was full.
     pub tx_ring_full: u64,
     /// Frames dropped because no free frame was left to copy into.
@@ -168,6 +172,7 @@ impl Port {
             free: descs,
             tx_pending: Vec::with_capacity(ring as usize),
             fill_target,
+            tx_size: ring,
             tx_ring_full: 0,
             no_free_frame: 0,
         };
@@ -262,7 +267,15 @@ impl Port {
             self.free.push(d);
         }
         if sent > 0 && self.tx.needs_wakeup() {
-            let _ = self.tx.wakeup();
+            // Copy mode (veth) transmits at most `COPY_TX_BATCH` frames per system call (the
+            // kernel's default TX budget) and leaves the rest in the ring: kick until the
+            // kernel has taken everything, bounded by what was just produced.
+            for _ in 0..sent.div_ceil(COPY_TX_BATCH) + 1 {
+                let _ = self.tx.wakeup();
+                if self.tx.nb_free_exact() >= self.tx_size {
+                    break;
+                }
+            }
         }
     }
 
