@@ -436,6 +436,23 @@ const INGRESS: usize = 0;
 const EGRESS: usize = 1;
 
 impl Policy {
+    /// Peers with a `namespaceSelector`: ((direction, rule, peer), the selector).
+    fn ns_peers(&self) -> impl Iterator<Item = ((u8, u32, u32), &Selector)> {
+        self.rules.iter().enumerate().flat_map(|(d, rules)| {
+            rules.iter().flatten().enumerate().flat_map(move |(ri, rule)| {
+                rule.peers.iter().enumerate().filter_map(move |(pi, peer)| match peer {
+                    Peer::Pods { namespaces: Some(ns), .. } => {
+                        Some(((d as u8, ri as u32, pi as u32), ns))
+                    }
+                    _ => None,
+                })
+            })
+        })
+    }
+    /// The peer at (direction, rule, peer).
+    fn peer(&self, (d, r, p): (u8, u32, u32)) -> Option<&Peer> {
+        self.rules.get(d as usize)?.as_ref()?.get(r as usize)?.peers.get(p as usize)
+    }
     fn blocks(&self) -> impl Iterator<Item = &Block> {
         self.rules.iter().flatten().flatten().flat_map(|r| &r.peers).filter_map(|p| match p {
             Peer::Block(b) => Some(b),
@@ -691,6 +708,14 @@ pub struct PolicyCompiler {
     blocks_dirty: bool,
     /// Interned label keys and what matches them (an entry only the map holds is unused).
     memo: HashMap<Arc<LabelKey>, Matches>,
+    /// Slots of the policies of each namespace (their subjects and own-namespace peers can
+    /// only match pods there).
+    by_ns: HashMap<String, BTreeSet<u32>>,
+    /// Slots of the policies with `namespaceSelector` peers.
+    cross: BTreeSet<u32>,
+    /// Namespace labels -> the `namespaceSelector` peers they satisfy (checked once per
+    /// namespace, so a new label key only checks those peers' pod selectors).
+    ns_memo: HashMap<Labels, Vec<PeerRef>>,
     ns_labels: HashMap<String, Labels>,
     pods: BTreeMap<ObjKey, PodRec>,
     last: Arc<PolicyUpdate>,
@@ -817,9 +842,16 @@ impl PolicyCompiler {
             self.slots[s as usize] = None;
             self.free.push(s);
             self.by_key.remove(key);
+            self.cross.remove(&s);
+            if let Some(set) = self.by_ns.get_mut(&key.namespace) {
+                set.remove(&s);
+            }
             for m in self.memo.values_mut() {
                 m.subject_of.retain(|x| *x != s);
                 m.peer_of.retain(|r| r.0 != s);
+            }
+            for v in self.ns_memo.values_mut() {
+                v.retain(|r| r.0 != s);
             }
         }
         let Some(p) = parsed else { return };
@@ -832,6 +864,17 @@ impl PolicyCompiler {
         };
         self.slots[slot as usize] = Some(p.clone());
         self.by_key.insert(key.clone(), slot);
+        self.by_ns.entry(key.namespace.clone()).or_default().insert(slot);
+        if p.ns_peers().next().is_some() {
+            self.cross.insert(slot);
+            for (labels, v) in self.ns_memo.iter_mut() {
+                v.extend(
+                    p.ns_peers()
+                        .filter(|(_, sel)| sel.matches(labels))
+                        .map(|(r, _)| (slot, r.0, r.1, r.2)),
+                );
+            }
+        }
         for (lk, m) in self.memo.iter_mut() {
             self.evaluations += 1;
             evaluate(slot, &p, lk, m);
@@ -861,13 +904,7 @@ impl PolicyCompiler {
             Some((k, _)) => k.clone(),
             None => {
                 let k = Arc::new(lk);
-                let mut m = Matches::default();
-                for (slot, p) in self.slots.iter().enumerate() {
-                    if let Some(p) = p {
-                        self.evaluations += 1;
-                        evaluate(slot as u32, p, &k, &mut m);
-                    }
-                }
+                let m = self.evaluate_new(&k);
                 self.memo.insert(k.clone(), m);
                 k
             }
@@ -878,10 +915,44 @@ impl PolicyCompiler {
         self.pods.insert(key.clone(), rec);
     }
 
+    /// What matches a label key not seen before: the policies of its namespace, and the
+    /// `namespaceSelector` peers its namespace satisfies.
+    fn evaluate_new(&mut self, k: &LabelKey) -> Matches {
+        let mut m = Matches::default();
+        if !self.ns_memo.contains_key(&k.ns_labels) {
+            let mut v = Vec::new();
+            for &slot in &self.cross {
+                if let Some(Some(p)) = self.slots.get(slot as usize) {
+                    let hits = p.ns_peers().filter(|(_, sel)| sel.matches(&k.ns_labels));
+                    v.extend(hits.map(|(r, _)| (slot, r.0, r.1, r.2)));
+                }
+            }
+            self.ns_memo.insert(k.ns_labels.clone(), v);
+        }
+        for &slot in self.by_ns.get(&k.ns).into_iter().flatten() {
+            if let Some(Some(p)) = self.slots.get(slot as usize) {
+                self.evaluations += 1;
+                evaluate_own(slot, p, k, &mut m);
+            }
+        }
+        for r in self.ns_memo.get(&k.ns_labels).into_iter().flatten() {
+            let Some(Some(p)) = self.slots.get(r.0 as usize) else { continue };
+            let Some(Peer::Pods { pods, .. }) = p.peer((r.1, r.2, r.3)) else { continue };
+            self.evaluations += 1;
+            if pods.as_ref().is_none_or(|s| s.matches(&k.labels)) {
+                m.peer_of.push(*r);
+            }
+        }
+        m
+    }
+
     /// Builds the whole update from the pod records, the memo and the space.
     fn assemble(&mut self) -> PolicyUpdate {
-        // Label keys no pod uses any more.
+        // Label keys (and namespaces) no pod uses any more.
         self.memo.retain(|k, _| Arc::strong_count(k) > 1);
+        let used: std::collections::HashSet<&Labels> =
+            self.memo.keys().map(|k| &k.ns_labels).collect();
+        self.ns_memo.retain(|l, _| used.contains(l));
         let space = self.space.clone();
         // Pods by address (the first by key wins a duplicate address).
         let mut by_ip: BTreeMap<Ipv4Addr, (&ObjKey, &PodRec, IdKey)> = BTreeMap::new();
@@ -989,21 +1060,35 @@ impl PolicyCompiler {
 
 /// Adds what policy `slot` says about label key `lk` to `m`.
 fn evaluate(slot: u32, p: &Policy, lk: &LabelKey, m: &mut Matches) {
-    if lk.ns == p.key.namespace && p.subject.matches(&lk.labels) {
+    evaluate_own(slot, p, lk, m);
+    for (r, ns) in p.ns_peers() {
+        if ns.matches(&lk.ns_labels) {
+            if let Some(Peer::Pods { pods, .. }) = p.peer(r) {
+                if pods.as_ref().is_none_or(|s| s.matches(&lk.labels)) {
+                    m.peer_of.push((slot, r.0, r.1, r.2));
+                }
+            }
+        }
+    }
+}
+
+/// Adds what policy `slot` says about `lk` through its subject and its own-namespace peers
+/// (nothing unless `lk` is in the policy's namespace).
+fn evaluate_own(slot: u32, p: &Policy, lk: &LabelKey, m: &mut Matches) {
+    if lk.ns != p.key.namespace {
+        return;
+    }
+    if p.subject.matches(&lk.labels) {
         m.subject_of.push(slot);
     }
     for (d, rules) in p.rules.iter().enumerate() {
         for (ri, rule) in rules.iter().flatten().enumerate() {
             for (pi, peer) in rule.peers.iter().enumerate() {
                 let hit = match peer {
-                    Peer::Pods { namespaces, pods } => {
-                        let ns_ok = match namespaces {
-                            None => lk.ns == p.key.namespace,
-                            Some(s) => s.matches(&lk.ns_labels),
-                        };
-                        ns_ok && pods.as_ref().is_none_or(|s| s.matches(&lk.labels))
+                    Peer::Pods { namespaces: None, pods } => {
+                        pods.as_ref().is_none_or(|s| s.matches(&lk.labels))
                     }
-                    Peer::Block(_) | Peer::Ipv6 => false,
+                    _ => false,
                 };
                 if hit {
                     m.peer_of.push((slot, d as u8, ri as u32, pi as u32));

@@ -130,7 +130,10 @@ pub fn synthetic_policy(k: usize, pods: usize) -> Object {
     let egress = (k % 7 == 0).then(|| {
         vec![
             NetworkPolicyEgressRule {
-                to: Some(vec![NetworkPolicyPeer { pod_selector: app(other), ..Default::default() }]),
+                to: Some(vec![NetworkPolicyPeer {
+                    pod_selector: app(other),
+                    ..Default::default()
+                }]),
                 ports: Some(vec![port(IntOrString::Int(5432), None, "TCP")]),
             },
             NetworkPolicyEgressRule {
