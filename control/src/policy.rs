@@ -679,6 +679,18 @@ struct Matches {
     peer_of: Vec<PeerRef>,
 }
 
+/// An identity key by the addresses of its interned parts, and the class.
+type PtrKey = (usize, usize, u32);
+
+/// What an identity stands for.
+#[derive(Clone, Debug, Default)]
+enum IdDesc {
+    #[default]
+    World,
+    Block(u32),
+    Pod(IdKey),
+}
+
 /// A full identity key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct IdKey {
@@ -719,7 +731,10 @@ pub struct PolicyCompiler {
     ns_labels: HashMap<String, Labels>,
     pods: BTreeMap<ObjKey, PodRec>,
     last: Arc<PolicyUpdate>,
-    view: PolicyView,
+    /// What each identity of the last update stands for (index = identity).
+    ids: Vec<IdDesc>,
+    /// Interned container port lists.
+    port_lists: std::collections::HashSet<Arc<[NamedPort]>>,
     skips: Skips,
     evaluations: u64,
 }
@@ -738,9 +753,33 @@ impl PolicyCompiler {
     pub fn update(&self) -> &Arc<PolicyUpdate> {
         &self.last
     }
-    /// A readable form of the last update.
-    pub fn view(&self) -> &PolicyView {
-        &self.view
+    /// A readable form of the last update (built on demand: for dumps).
+    pub fn view(&self) -> PolicyView {
+        let identities = self
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match d {
+                _ if i == 0 => String::new(),
+                IdDesc::World => "world (no pod, no ipBlock)".to_string(),
+                IdDesc::Block(c) => format!("address in {}", class_text(&self.space, *c)),
+                IdDesc::Pod(k) => id_text(&self.space, k),
+            })
+            .collect();
+        // The first pod (by key) at each address is the one in the update.
+        let mut at: HashMap<Ipv4Addr, (&ObjKey, &PodRec)> = HashMap::new();
+        for (k, rec) in &self.pods {
+            at.entry(rec.ip).or_insert((k, rec));
+        }
+        let pods = self
+            .last
+            .endpoints
+            .iter()
+            .filter_map(|(ip, e)| {
+                at.get(ip).map(|(k, rec)| ((*k).clone(), *ip, rec.node.clone(), *e))
+            })
+            .collect();
+        PolicyView { pods, identities }
     }
     /// The address space cut by the current `ipBlock`s.
     pub fn space(&self) -> &Space {
@@ -911,7 +950,16 @@ impl PolicyCompiler {
         };
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
         let local = !node.is_empty() && node == self.node;
-        let rec = PodRec { ip, local, node, label_key, ports: named_ports(pod).into() };
+        let ports: Vec<NamedPort> = named_ports(pod);
+        let ports = match self.port_lists.get(&ports[..]) {
+            Some(p) => p.clone(),
+            None => {
+                let p: Arc<[NamedPort]> = ports.into();
+                self.port_lists.insert(p.clone());
+                p
+            }
+        };
+        let rec = PodRec { ip, local, node, label_key, ports };
         self.pods.insert(key.clone(), rec);
     }
 
@@ -953,15 +1001,21 @@ impl PolicyCompiler {
         let used: std::collections::HashSet<&Labels> =
             self.memo.keys().map(|k| &k.ns_labels).collect();
         self.ns_memo.retain(|l, _| used.contains(l));
+        self.port_lists.retain(|p| Arc::strong_count(p) > 1);
         let space = self.space.clone();
         // Pods by address (the first by key wins a duplicate address).
-        let mut by_ip: BTreeMap<Ipv4Addr, (&ObjKey, &PodRec, IdKey)> = BTreeMap::new();
+        // Label keys and port lists are interned, so pods with equal identity keys have equal
+        // pointers: group by those (cheap to hash) and compare contents only to sort.
+        let ptr = |rec: &PodRec, class: u32| -> PtrKey {
+            (
+                Arc::as_ptr(&rec.label_key) as usize,
+                Arc::as_ptr(&rec.ports) as *const NamedPort as usize,
+                class,
+            )
+        };
+        let mut by_ip: BTreeMap<Ipv4Addr, (&ObjKey, &PodRec, PtrKey)> = BTreeMap::new();
         for (k, rec) in &self.pods {
-            let id = IdKey {
-                label_key: rec.label_key.clone(),
-                ports: rec.ports.clone(),
-                class: space.class_of(u32::from(rec.ip)),
-            };
+            let id = ptr(rec, space.class_of(u32::from(rec.ip)));
             if let Some((other, _, _)) = by_ip.get(&rec.ip) {
                 tracing::debug!(pod = %k, other = %other, ip = %rec.ip, "duplicate pod address");
                 self.skips.bump("pod_ip_duplicate");
@@ -975,24 +1029,33 @@ impl PolicyCompiler {
         block_classes.sort_unstable();
         block_classes.dedup();
         let mut class_id: HashMap<u32, Identity> = HashMap::new();
-        let mut descr = vec![String::new(), "world (no pod, no ipBlock)".to_string()];
+        let mut descr = vec![IdDesc::World, IdDesc::World];
         let mut id_ports: Vec<Arc<[NamedPort]>> = vec![Arc::from([]), Arc::from([])];
         let mut id_class: Vec<u32> = vec![0, 0];
         for c in block_classes {
             class_id.insert(c, descr.len() as Identity);
-            descr.push(format!("address in {}", class_text(&space, c)));
+            descr.push(IdDesc::Block(c));
             id_ports.push(Arc::from([]));
             id_class.push(c);
         }
-        let keys: BTreeSet<&IdKey> = by_ip.values().map(|(_, _, k)| k).collect();
-        let mut pod_id: HashMap<&IdKey, Identity> = HashMap::with_capacity(keys.len());
-        let mut id_label: Vec<Option<&Arc<LabelKey>>> = vec![None; descr.len()];
-        for k in keys {
-            pod_id.insert(k, descr.len() as Identity);
-            descr.push(id_text(&space, k));
+        let mut distinct: HashMap<PtrKey, IdKey> = HashMap::new();
+        for (_, rec, pk) in by_ip.values() {
+            distinct.entry(*pk).or_insert_with(|| IdKey {
+                label_key: rec.label_key.clone(),
+                ports: rec.ports.clone(),
+                class: pk.2,
+            });
+        }
+        let mut keys: Vec<(PtrKey, IdKey)> = distinct.into_iter().collect();
+        keys.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        let mut pod_id: HashMap<PtrKey, Identity> = HashMap::with_capacity(keys.len());
+        let mut id_label: Vec<Option<Arc<LabelKey>>> = vec![None; descr.len()];
+        for (pk, k) in keys {
+            pod_id.insert(pk, descr.len() as Identity);
             id_ports.push(k.ports.clone());
             id_class.push(k.class);
-            id_label.push(Some(&k.label_key));
+            id_label.push(Some(k.label_key.clone()));
+            descr.push(IdDesc::Pod(k));
         }
         // Reverse indexes: pod peer -> identities; block -> identities.
         let mut peer_ids: HashMap<PeerRef, Vec<Identity>> = HashMap::new();
@@ -1002,7 +1065,7 @@ impl PolicyCompiler {
                 block_ids[b as usize].push(id as Identity);
             }
             if let Some(Some(lk)) = id_label.get(id) {
-                for r in &self.memo[*lk].peer_of {
+                for r in &self.memo[lk].peer_of {
                     peer_ids.entry(*r).or_default().push(id as Identity);
                 }
             }
@@ -1016,14 +1079,14 @@ impl PolicyCompiler {
         };
         // Allow sets of local identities, deduplicated.
         let mut local_sets: HashMap<Identity, [Option<AllowSetSpec>; 2]> = HashMap::new();
-        for (_, rec, k) in by_ip.values() {
+        for (_, rec, pk) in by_ip.values() {
             if !rec.local {
                 continue;
             }
-            let id = pod_id[k];
+            let id = pod_id[pk];
             local_sets.entry(id).or_insert_with(|| {
-                let m = &self.memo[&k.label_key];
-                [INGRESS, EGRESS].map(|d| ctx.allow_set(m, &k.ports, d))
+                let m = &self.memo[&rec.label_key];
+                [INGRESS, EGRESS].map(|d| ctx.allow_set(m, &rec.ports, d))
             });
         }
         let specs: BTreeSet<&AllowSetSpec> = local_sets.values().flatten().flatten().collect();
@@ -1034,16 +1097,14 @@ impl PolicyCompiler {
             Some(s) => sets.binary_search(s).map_or(NOT_ISOLATED, |i| i as u32 + 1),
         };
         let mut endpoints = Vec::with_capacity(by_ip.len());
-        let mut pods = Vec::with_capacity(by_ip.len());
-        for (ip, (key, rec, k)) in &by_ip {
-            let identity = pod_id[k];
+        for (ip, (_, rec, pk)) in &by_ip {
+            let identity = pod_id[pk];
             let (ingress, egress) = match local_sets.get(&identity) {
                 Some([i, e]) if rec.local => (index(i), index(e)),
                 _ => (NOT_ISOLATED, NOT_ISOLATED),
             };
             let e = Endpoint { identity, ingress, egress };
             endpoints.push((*ip, e));
-            pods.push(((*key).clone(), *ip, rec.node.clone(), e));
         }
         let mut ranges = Vec::new();
         for (start, c) in space.starts.iter().zip(&space.class_at) {
@@ -1053,7 +1114,7 @@ impl PolicyCompiler {
             }
             ranges.push((Ipv4Addr::from(*start), id));
         }
-        self.view = PolicyView { pods, identities: descr };
+        self.ids = descr;
         PolicyUpdate { endpoints, ranges, sets }
     }
 }

@@ -5,8 +5,8 @@
 //! - 100 namespaces `ns-0`..`ns-99`, labelled `team: t<n % 10>`;
 //! - pod `i` is `ns-<i % 100>/pod-<i>`, labelled `app: app-<i % apps>` (`apps` = pods / 10,
 //!   rounded up to a multiple of 100, so each app's pods share a namespace), address
-//!   `10.128.0.0 + i + 1`, container port `http` = TCP 8080, on node `node-<i % nodes>` with
-//!   100 pods per node; [`SYNTHETIC_NODE`] (`node-0`) is the local node;
+//!   `10.128.0.0 + i + 1`, container port `http` = TCP 8080, on node `node-<i / 100>` (100
+//!   pods per node, so a node's pods span 100 apps and every policy shape); [`SYNTHETIC_NODE`] (`node-0`) is the local node;
 //! - policy `k` lives in `ns-<k % 100>` and selects `app: app-<k % apps>`; its ingress rule
 //!   allows, by `k % 4`: pods of another app of its namespace, every pod of the namespaces of
 //!   one team, pods of an app in a team's namespaces (both selectors), or an `ipBlock`
@@ -61,7 +61,7 @@ pub fn synthetic_pod(i: usize, pods: usize) -> Object {
             labels(&[("app", format!("app-{}", i % apps(pods)))]),
         ),
         spec: Some(PodSpec {
-            node_name: Some(format!("node-{}", i % nodes)),
+            node_name: Some(format!("node-{}", (i / PODS_PER_NODE) % nodes)),
             containers: vec![Container {
                 name: "c".into(),
                 ports: Some(vec![ContainerPort {
