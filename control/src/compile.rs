@@ -76,6 +76,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::ids::{BackendKey, Ids};
+use crate::policy::PolicyCompiler;
 use crate::skips::Skips;
 use crate::store::{Changes, ObjKey, Store};
 use dataplane::policy::PolicyUpdate;
@@ -207,6 +208,8 @@ pub struct Compiler {
     waiting: HashMap<FrontendKey, BTreeSet<ObjKey>>,
     generation: u64,
     skips: Skips,
+    /// NetworkPolicy, compiled alongside (see [`crate::policy`]).
+    policy: PolicyCompiler,
 }
 
 impl Compiler {
@@ -219,6 +222,7 @@ impl Compiler {
     pub fn with_ids(ctx: NodeContext, ids: Ids) -> Self {
         let zone = ctx.zone.clone().unwrap_or_default();
         let node_ips = ctx.addresses.clone();
+        let ctx_name = ctx.name.clone();
         Self {
             ctx,
             zone,
@@ -231,6 +235,7 @@ impl Compiler {
             waiting: HashMap::new(),
             generation: 0,
             skips: Skips::new(),
+            policy: PolicyCompiler::new(ctx_name),
         }
     }
 
@@ -258,6 +263,10 @@ impl Compiler {
     pub fn ports(&self) -> &BTreeMap<ServiceId, Arc<CompiledPort>> {
         &self.ports
     }
+    /// The NetworkPolicy compiler (its last update, a readable view, its skips).
+    pub fn policy(&self) -> &PolicyCompiler {
+        &self.policy
+    }
     /// The id allocator.
     pub fn ids(&self) -> &Ids {
         &self.ids
@@ -277,7 +286,7 @@ impl Compiler {
         };
         changes.services.extend(self.by_service.keys().cloned());
         changes.nodes.insert(self.ctx.name.clone());
-        self.compile_at(store, &changes, Instant::now())
+        self.pass(store, &changes, Instant::now(), true)
     }
 
     /// Compiles what `changes` touched.
@@ -287,6 +296,11 @@ impl Compiler {
 
     /// Compiles what `changes` touched, with `now` as the id allocator's clock.
     pub fn compile_at(&mut self, store: &Store, changes: &Changes, now: Instant) -> Diff {
+        self.pass(store, changes, now, false)
+    }
+
+    /// One pass; `all_policy` recompiles NetworkPolicy from the whole store.
+    fn pass(&mut self, store: &Store, changes: &Changes, now: Instant, all_policy: bool) -> Diff {
         let mut dirty: BTreeSet<ObjKey> = changes.services.clone();
         if !self.node_seen || changes.nodes.contains(&self.ctx.name) {
             self.node_seen = true;
@@ -321,7 +335,11 @@ impl Compiler {
             generation: 0,
             upserts: upserts.into_values().collect(),
             removals: removals.into_iter().collect(),
-            policy: None,
+            policy: if all_policy {
+                self.policy.compile_all(store)
+            } else {
+                self.policy.compile(store, changes)
+            },
         };
         if !diff.is_empty() {
             self.generation += 1;

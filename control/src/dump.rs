@@ -5,6 +5,10 @@
 //! backend (sorted by id, in any state) with its conditions and whether new flows may pick it
 //! (`selectable`, from the dataplane's own [`ServicePort::selectable`] rule).
 //!
+//! The NetworkPolicy section ([`dump_policy`]) lists every identity with what it stands for,
+//! the address ranges, every pod (this node's with their ingress and egress allow sets) and
+//! the allow sets, peers shown by identity number.
+//!
 //! Example:
 //!
 //! ```text
@@ -18,6 +22,7 @@ use std::fmt::Write as _;
 use dataplane::tables::{Backend, FrontendKind, ServicePort, Tables};
 
 use crate::compile::{algorithm_name, fmt_key};
+use crate::policy::{proto_name, PolicyCompiler};
 use crate::skips::Skips;
 
 /// Dumps every service port with its frontends and backends.
@@ -123,5 +128,97 @@ fn kind_name(k: FrontendKind) -> &'static str {
         FrontendKind::NodePort => "node-port",
         FrontendKind::LoadBalancer => "load-balancer",
         FrontendKind::ExternalIp => "external-ip",
+    }
+}
+
+/// The NetworkPolicy state of `c` (its last update), or nothing when it is empty (no pod, no
+/// policy).
+pub fn dump_policy(c: &PolicyCompiler) -> String {
+    let u = c.update();
+    let v = c.view();
+    let mut out = String::new();
+    if u.endpoints.is_empty() && u.ranges.is_empty() && u.sets.is_empty() {
+        return out;
+    }
+    out.push_str("policy:\n");
+    for (id, what) in v.identities.iter().enumerate().skip(1) {
+        let _ = writeln!(out, "  identity {id}: {what}");
+    }
+    // Ranges as intervals, starting with the WORLD space before the first start.
+    let mut starts: Vec<(u32, u32)> = Vec::with_capacity(u.ranges.len() + 1);
+    if u.ranges.first().is_none_or(|r| u32::from(r.0) != 0) {
+        starts.push((0, dataplane::policy::WORLD));
+    }
+    starts.extend(u.ranges.iter().map(|(a, id)| (u32::from(*a), *id)));
+    for (i, (a, id)) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).map_or(u32::MAX, |n| n.0 - 1);
+        let _ = writeln!(
+            out,
+            "  range {}-{} identity {id}",
+            std::net::Ipv4Addr::from(*a),
+            std::net::Ipv4Addr::from(end)
+        );
+    }
+    let set_name = |s: u32| {
+        if s == dataplane::policy::NOT_ISOLATED {
+            "not-isolated".to_string()
+        } else {
+            format!("set-{s}")
+        }
+    };
+    for (key, ip, node, e) in &v.pods {
+        let _ = write!(out, "  pod {key} {ip} identity {} node={}", e.identity, dash(node));
+        if !node.is_empty() && node.as_str() == c.node() {
+            let _ = write!(out, " ingress={} egress={}", set_name(e.ingress), set_name(e.egress));
+        } else {
+            out.push_str(" (remote)");
+        }
+        out.push('\n');
+    }
+    let ports = |r: &[(u16, u16)]| {
+        r.iter()
+            .map(|(a, b)| match (a, b) {
+                (0, 65535) => "all".to_string(),
+                (a, b) if a == b => a.to_string(),
+                (a, b) => format!("{a}-{b}"),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    for (i, s) in u.sets.iter().enumerate() {
+        let _ = writeln!(out, "  set-{}:", i + 1);
+        if s.peers.is_empty() && s.any_peer.is_empty() {
+            out.push_str("    (nothing allowed)\n");
+        }
+        // Each peer's entries, with "every protocol" (a rule without ports) folded into one.
+        type Entries<'a> = Vec<(u8, &'a [(u16, u16)])>;
+        let mut lines: Vec<(String, Entries)> = Vec::new();
+        lines.push(("any peer".into(), s.any_peer.iter().map(|(p, r)| (*p, &r[..])).collect()));
+        for (id, p, r) in &s.peers {
+            let who = format!("identity {id}");
+            match lines.last_mut() {
+                Some((w, v)) if *w == who => v.push((*p, r)),
+                _ => lines.push((who, vec![(*p, r)])),
+            }
+        }
+        for (who, entries) in lines {
+            let every = entries.len() == 4 && entries.iter().all(|(_, r)| *r == [(0, 65535)]);
+            if every {
+                let _ = writeln!(out, "    {who} every protocol and port");
+                continue;
+            }
+            for (p, r) in entries {
+                let _ = writeln!(out, "    {who} {} {}", proto_name(p), ports(r));
+            }
+        }
+    }
+    out
+}
+
+fn dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
     }
 }

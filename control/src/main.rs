@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use control::compile::NodeContext;
-use control::dump::dump_with_skips;
+use control::dump::{dump_policy, dump_with_skips};
 use control::run::{load_once, run, Source};
 use control::skips::Skips;
 use control::source::kube::ClientOptions;
@@ -92,7 +92,9 @@ fn main() -> anyhow::Result<()> {
             let mut skips = Skips::new();
             skips.merge(c.store().skips());
             skips.merge(c.compiler().skips());
+            skips.merge(c.compiler().policy().skips());
             print!("{}", dump_with_skips(&c.compiler().tables(c.compiler().generation()), &skips));
+            print!("{}", dump_policy(c.compiler().policy()));
             return Ok(());
         }
         let metrics = match args.metrics_address.as_str() {

@@ -105,6 +105,7 @@ pub async fn drive(
                 upserts = diff.upserts.len(),
                 removals = diff.removals.len(),
                 ports = controller.compiler().ports().len(),
+                policy = diff.policy.as_ref().map(|p| p.endpoints.len()),
                 "compiled"
             );
             sink(controller, diff);

@@ -257,21 +257,30 @@ pub enum Event {
     Replace(Kind, Vec<Object>),
 }
 
-/// What a batch of events touched, as far as compilation cares.
+/// What a batch of events touched, as far as compilation cares (Services and Nodes for the
+/// service tables; Pods, Namespaces and NetworkPolicies for policy enforcement).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// Services whose object or EndpointSlices changed.
     pub services: BTreeSet<ObjKey>,
     /// Nodes (by name) that changed.
     pub nodes: BTreeSet<String>,
-    /// How many objects of other kinds (Pods, Namespaces, NetworkPolicies) changed.
-    pub other: u64,
+    /// Pods that changed (created, updated, deleted).
+    pub pods: BTreeSet<ObjKey>,
+    /// Namespaces (by name) that changed.
+    pub namespaces: BTreeSet<String>,
+    /// NetworkPolicies that changed.
+    pub policies: BTreeSet<ObjKey>,
 }
 
 impl Changes {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.nodes.is_empty() && self.other == 0
+        self.services.is_empty() && self.nodes.is_empty() && !self.touches_policy()
+    }
+    /// Whether anything NetworkPolicy enforcement reads (Pods, Namespaces, policies) changed.
+    pub fn touches_policy(&self) -> bool {
+        !(self.pods.is_empty() && self.namespaces.is_empty() && self.policies.is_empty())
     }
 }
 
@@ -341,6 +350,17 @@ impl Store {
         self.objects[kind.index()].iter()
     }
 
+    /// Every object of `kind` in namespace `ns`, sorted by name.
+    pub fn iter_namespace<'a>(
+        &'a self,
+        kind: Kind,
+        ns: &'a str,
+    ) -> impl Iterator<Item = (&'a ObjKey, &'a Object)> + 'a {
+        self.objects[kind.index()]
+            .range(ObjKey::new(ns, "")..)
+            .take_while(move |(k, _)| k.namespace == ns)
+    }
+
     /// The Service at `key`.
     pub fn service(&self, key: &ObjKey) -> Option<&Arc<Service>> {
         match self.get(Kind::Service, key) {
@@ -393,7 +413,15 @@ impl Store {
             Object::Node(_) => {
                 self.changes.nodes.insert(key.name.clone());
             }
-            _ => self.changes.other += 1,
+            Object::Pod(_) => {
+                self.changes.pods.insert(key.clone());
+            }
+            Object::Namespace(_) => {
+                self.changes.namespaces.insert(key.name.clone());
+            }
+            Object::NetworkPolicy(_) => {
+                self.changes.policies.insert(key.clone());
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use control::compile::{Compiler, NodeContext};
-use control::dump::dump_with_skips;
+use control::dump::{dump_policy, dump_with_skips};
 use control::skips::Skips;
 use control::source::manifests::{parse_documents, replace_events};
 use control::store::Store;
@@ -46,6 +46,7 @@ fn render(path: &Path) -> String {
     compiler.compile_all(&store);
     skips.merge(store.skips());
     skips.merge(compiler.skips());
+    skips.merge(compiler.policy().skips());
     let mut out = format!(
         "# node={} node-ips={:?} zone={:?}\n",
         ctx.name,
@@ -53,6 +54,7 @@ fn render(path: &Path) -> String {
         compiler.zone()
     );
     out.push_str(&dump_with_skips(&compiler.tables(1), &skips));
+    out.push_str(&dump_policy(compiler.policy()));
     out
 }
 

@@ -15,9 +15,10 @@
 //! a re-list, and no state is lost: whatever happened while the watch was down shows up in
 //! the fresh list.
 //!
-//! Scope: Services, EndpointSlices, NetworkPolicies and Namespaces cluster-wide; Pods only on
-//! this node (`spec.nodeName` field selector) and only this node's Node object
-//! (`metadata.name`), which is all a node agent needs and bounds memory on big clusters.
+//! Scope: Services, EndpointSlices, NetworkPolicies, Namespaces and Pods cluster-wide, and only
+//! this node's Node object (`metadata.name`). Pods of every node are needed because
+//! NetworkPolicy peers select pods anywhere in the cluster: a local pod's allowed peers are
+//! other nodes' pods too (their addresses get identities; see `crate::policy`).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,7 +92,6 @@ pub fn spawn_watchers(
 ) -> Vec<JoinHandle<()>> {
     let all = watcher::Config::default();
     let node_field = format!("metadata.name={node_name}");
-    let pod_field = format!("spec.nodeName={node_name}");
     vec![
         spawn_kind::<Service>(
             Api::all(client.clone()),
@@ -127,7 +127,7 @@ pub fn spawn_watchers(
         ),
         spawn_kind::<Pod>(
             Api::all(client.clone()),
-            all.clone().fields(&pod_field),
+            all.clone(),
             Kind::Pod,
             |o| Object::Pod(Arc::new(o)),
             tx.clone(),
