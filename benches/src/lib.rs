@@ -118,6 +118,11 @@ impl Batch {
         }
     }
 
+    /// Frame `k` of the last run, as the pipeline left it.
+    pub fn frame(&self, k: usize) -> &[u8] {
+        &self.mem[k * FRAME_ROOM..k * FRAME_ROOM + self.lens[k]]
+    }
+
     /// Copies `templates` in and runs the pipeline over them; returns the verdicts.
     #[inline]
     pub fn run(

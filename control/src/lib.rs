@@ -23,6 +23,7 @@
 pub mod compile;
 pub mod dump;
 pub mod ids;
+pub mod metrics;
 pub mod policy;
 pub mod publish;
 pub mod run;

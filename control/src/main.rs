@@ -41,6 +41,10 @@ struct Args {
     /// The dataplane's socket.
     #[arg(long, default_value = "/run/kxdp/control.sock")]
     socket: PathBuf,
+    /// Serve Prometheus metrics (API watch state, publication) on this address; `none` to
+    /// disable.
+    #[arg(long, default_value = "127.0.0.1:9965")]
+    metrics_address: String,
     /// Print the compiled table dump and exit.
     #[arg(long)]
     dump: bool,
@@ -93,6 +97,10 @@ fn main() -> anyhow::Result<()> {
             print!("{}", dump_policy(c.compiler().policy()));
             return Ok(());
         }
-        run(source, ctx, args.socket).await
+        let metrics = match args.metrics_address.as_str() {
+            "none" => None,
+            a => Some(a.parse().map_err(|e| anyhow::anyhow!("--metrics-address {a}: {e}"))?),
+        };
+        run(source, ctx, args.socket, metrics).await
     })
 }

@@ -219,6 +219,11 @@ impl Publisher {
         }
     }
 
+    /// The live status, shared (for the metrics endpoint).
+    pub fn status_handle(&self) -> Arc<Mutex<PublishStatus>> {
+        self.status.clone()
+    }
+
     /// A copy of the status.
     pub fn status(&self) -> PublishStatus {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()

@@ -129,11 +129,12 @@ pub async fn start_source(
     source: &Source,
     node_name: &str,
     tx: mpsc::Sender<Event>,
+    stats: Arc<WatchStats>,
 ) -> anyhow::Result<()> {
     match source {
         Source::Kube(opts) => {
             let client = kube_source::client(opts).await?;
-            kube_source::spawn_watchers(client, node_name, tx, Arc::new(WatchStats::default()));
+            kube_source::spawn_watchers(client, node_name, tx, stats);
         }
         Source::Manifests(dir) => {
             tokio::spawn(ManifestDir::new(dir.clone()).run(tx, POLL_INTERVAL));
@@ -170,7 +171,7 @@ pub async fn load_once(source: &Source, ctx: NodeContext) -> anyhow::Result<Cont
         }
         Source::Kube(_) => {
             let (tx, mut rx) = mpsc::channel(1024);
-            start_source(source, &ctx.name, tx).await?;
+            start_source(source, &ctx.name, tx, Arc::default()).await?;
             while !controller.started() {
                 let Some(e) = rx.recv().await else {
                     anyhow::bail!("API server source ended before every kind was listed");
@@ -182,11 +183,31 @@ pub async fn load_once(source: &Source, ctx: NodeContext) -> anyhow::Result<Cont
     Ok(controller)
 }
 
-/// Runs the control plane until the source ends: compile, publish to `socket`.
-pub async fn run(source: Source, ctx: NodeContext, socket: PathBuf) -> anyhow::Result<()> {
+/// Runs the control plane until the source ends: compile, publish to `socket`; with
+/// `metrics`, serve Prometheus metrics (watch state, publication) on that address.
+pub async fn run(
+    source: Source,
+    ctx: NodeContext,
+    socket: PathBuf,
+    metrics: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(4096);
-    start_source(&source, &ctx.name, tx).await?;
+    let watch = Arc::new(WatchStats::default());
+    start_source(&source, &ctx.name, tx, watch.clone()).await?;
     let publisher = Publisher::spawn(&socket)?;
+    let _metrics = match metrics {
+        Some(addr) => {
+            let c = crate::metrics::ControlCollector {
+                watch: matches!(source, Source::Kube(_)).then_some(watch),
+                publish: publisher.status_handle(),
+            };
+            let server =
+                dataplane::io::metrics::MetricsServer::spawn(addr, crate::metrics::registry(c))
+                    .map_err(|e| anyhow::anyhow!("metrics on {addr}: {e}"))?;
+            Some(server)
+        }
+        None => None,
+    };
     let mut controller = Controller::new(ctx);
     // A dataplane that is already running names the ids its tables (and flows) use: adopt
     // them before compiling anything, so a control restart renumbers nothing.

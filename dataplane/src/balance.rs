@@ -230,6 +230,10 @@ impl ConnCounts {
     pub fn new(capacity: usize) -> Self {
         Self { active: (0..capacity).map(|_| AtomicU32::new(0)).collect() }
     }
+    /// How many backend ids are counted (`0..capacity`).
+    pub fn capacity(&self) -> usize {
+        self.active.len()
+    }
     /// Current active connections of `id` (0 for ids out of range).
     #[inline]
     pub fn active(&self, id: BackendId) -> u32 {
@@ -368,6 +372,32 @@ impl Scheduler {
         conns: &ConnCounts,
         rng: &mut FastRng,
     ) -> Option<u16> {
+        self.select(candidates, key, conns, rng, true)
+    }
+
+    /// What [`Scheduler::pick`] would return now, without its side effects: the round-robin
+    /// position does not move (the next connection gets this answer), and random draws from a
+    /// copy of `rng` (the answer is the one the worker's next draw would give). For the
+    /// inspect CLI's flow query.
+    pub fn peek(
+        &self,
+        candidates: &[Candidate],
+        key: &PickKey,
+        conns: &ConnCounts,
+        rng: &FastRng,
+    ) -> Option<u16> {
+        self.select(candidates, key, conns, &mut rng.clone(), false)
+    }
+
+    #[inline(always)]
+    fn select(
+        &self,
+        candidates: &[Candidate],
+        key: &PickKey,
+        conns: &ConnCounts,
+        rng: &mut FastRng,
+        advance: bool,
+    ) -> Option<u16> {
         debug_assert_eq!(
             candidates.len().min(MAX_CANDIDATES),
             self.n as usize,
@@ -386,7 +416,11 @@ impl Scheduler {
                 if len == 0 {
                     return None;
                 }
-                let at = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
+                let at = if advance {
+                    self.cursor.fetch_add(1, Ordering::Relaxed)
+                } else {
+                    self.cursor.load(Ordering::Relaxed)
+                } % len;
                 self.table[at as usize]
             }
             Algorithm::LeastConnection => least_connection(candidates, conns)?,

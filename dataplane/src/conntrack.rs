@@ -43,6 +43,7 @@
 //! The hash is seeded per table (aHash), so a sender cannot aim collisions at one bucket to
 //! evict other flows.
 
+use crate::traffic::Traffic;
 use std::sync::Arc;
 
 use ahash::RandomState;
@@ -230,6 +231,10 @@ pub struct Flow {
     /// The other candidate bucket of the orig and reply keys.
     #[serde(skip)]
     alt: [u32; 2],
+    /// Bytes (IP datagrams) seen, original direction (per-backend traffic, `crate::traffic`).
+    pub bytes_orig: u64,
+    /// Bytes seen, reply direction.
+    pub bytes_reply: u64,
 }
 
 impl Flow {
@@ -248,6 +253,8 @@ impl Flow {
         fins: 0,
         live: false,
         alt: [0; 2],
+        bytes_orig: 0,
+        bytes_reply: 0,
     };
 
     /// A new flow in its initial state for the first packet's TCP flags.
@@ -456,6 +463,7 @@ pub struct Conntrack {
     hand: usize,
     len: usize,
     stats: CtStats,
+    retired: Traffic,
 }
 
 impl Conntrack {
@@ -463,6 +471,7 @@ impl Conntrack {
     /// kept in `conns`: incremented on insert, decremented when a flow leaves.
     pub fn new(capacity: usize, timeouts: Timeouts, conns: Arc<ConnCounts>) -> Self {
         let capacity = capacity.clamp(16, MAX_CAPACITY);
+        let conns_capacity = conns.capacity();
         // Two keys per flow at a load factor of at most 0.8.
         let buckets = (capacity * 2 * 5 / 4).div_ceil(WAYS).next_power_of_two().max(8);
         let mut free: Vec<u32> = Vec::with_capacity(capacity);
@@ -479,6 +488,7 @@ impl Conntrack {
             hand: 0,
             len: 0,
             stats: CtStats::default(),
+            retired: Traffic::new(conns_capacity),
         }
     }
 
@@ -625,6 +635,22 @@ impl Conntrack {
     pub fn on_packet(&mut self, idx: u32, dir: Dir, flags: u8, now: u64) {
         let t = self.timeouts;
         self.flows[idx as usize].0.on_packet(dir, flags, now, &t);
+    }
+
+    /// Counts `bytes` of a packet of flow `idx` (its record is in cache: the packet was just
+    /// matched or inserted). See [`crate::traffic`].
+    #[inline(always)]
+    pub fn add_bytes(&mut self, idx: u32, dir: Dir, bytes: usize) {
+        let f = &mut self.flows[idx as usize].0;
+        match dir {
+            Dir::Orig => f.bytes_orig += bytes as u64,
+            Dir::Reply => f.bytes_reply += bytes as u64,
+        }
+    }
+
+    /// Traffic of the flows removed so far, by backend (see [`crate::traffic`]).
+    pub fn retired(&self) -> &Traffic {
+        &self.retired
     }
 
     /// Inserts a new flow (its keys must not be in use: check with [`Conntrack::contains`]),
@@ -834,6 +860,10 @@ impl Conntrack {
         debug_assert!(f.live);
         f.live = false;
         let (slots, backend) = (f.slots, f.backend);
+        if backend != 0 {
+            // The flow's traffic stays in its backend's totals (one more line read, per flow).
+            self.retired.retire(backend, f);
+        }
         for (d, s) in slots.into_iter().enumerate() {
             let want = (idx + 1) | if d == 1 { REPLY_BIT } else { 0 };
             let (b, w) = ((s >> 4) as usize, (s & 0xf) as usize);

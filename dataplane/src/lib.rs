@@ -16,9 +16,11 @@
 
 pub mod affinity;
 pub mod balance;
+pub mod capture;
 pub mod conntrack;
 pub mod counters;
 pub mod frag;
+pub mod histogram;
 pub mod io;
 pub mod maglev;
 pub mod mem;
@@ -27,6 +29,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod sync;
 pub mod tables;
+pub mod traffic;
 pub mod wire;
 
 pub use counters::{Counters, DropReason, PassReason};

@@ -30,7 +30,7 @@
 use std::sync::Arc;
 
 use crate::affinity::AffinityTable;
-use crate::balance::{ConnCounts, FastRng, PickKey};
+use crate::balance::{Candidate, ConnCounts, FastRng, PickKey};
 use crate::conntrack::{Conntrack, Dir, Flow, FlowKey, Timeouts};
 use crate::counters::{Counters, DropReason, PassReason};
 use crate::frag::FragTable;
@@ -461,6 +461,7 @@ fn known_flow(
         w.ct.flow_mut(idx).generation = t.generation();
     }
     w.ct.on_packet(idx, dir, flags, now);
+    w.ct.add_bytes(idx, dir, o.end - o.l3);
     let to = match dir {
         Dir::Orig => {
             w.counters.nat_forward += 1;
@@ -515,10 +516,7 @@ fn new_flow(
     if let Err(r) = t.policy().check(key.src, cand.ip, key.proto, cand.port) {
         return Verdict::Drop(r);
     }
-    let local = svc.backend(cand.id).is_none_or(|b| b.local);
-    // Hairpin (a client reaching itself through the service) and masqueraded external
-    // traffic to other nodes need the source rewritten so replies come back through us.
-    let snat = cand.ip == key.src || (fe.masquerade_remote && !local);
+    let snat = needs_snat(&fe, svc, &cand, &key);
     let mut reply = FlowKey {
         src: cand.ip,
         dst: key.src,
@@ -576,7 +574,8 @@ fn finish_new(
     }
     let h_reply = h_reply.unwrap_or_else(|| w.ct.hash(&reply));
     let flow = Flow::new(key, reply, svc.id(), backend, t.generation());
-    w.ct.insert_hashed(flow, h, h_reply, flags, now);
+    let idx = w.ct.insert_hashed(flow, h, h_reply, flags, now);
+    w.ct.add_bytes(idx, Dir::Orig, o.end - o.l3);
     w.counters.nat_new += 1;
     wire::rewrite_tuple(
         f.buf,
@@ -593,21 +592,42 @@ fn finish_new(
     forward(f, o, t, reply.src)
 }
 
+/// Hairpin (a client reaching itself through the service) and masqueraded external traffic to
+/// other nodes need the source rewritten so replies come back through us.
+#[inline]
+fn needs_snat(fe: &Frontend, svc: &ServicePort, cand: &Candidate, key: &FlowKey) -> bool {
+    let local = svc.backend(cand.id).is_none_or(|b| b.local);
+    cand.ip == key.src || (fe.masquerade_remote && !local)
+}
+
 /// Affinity first, then the scheduler. Returns an index into the service's candidates.
 #[inline]
 fn choose(svc: &ServicePort, key: &FlowKey, h: u64, w: &mut WorkerState, now: u64) -> Option<u16> {
-    if svc.spec().affinity_timeout_s.is_some() {
-        if let Some(bid) = w.affinity.lookup(svc.id(), key.src, now) {
-            if let Some(i) = svc.candidates().iter().position(|c| c.id == bid) {
-                w.counters.affinity_hits += 1;
-                return Some(i as u16);
-            }
-            // The remembered backend is gone or no longer selectable.
-            w.affinity.remove(svc.id(), key.src);
+    match affinity_candidate(svc, key.src, &w.affinity, now) {
+        Some(Ok(i)) => {
+            w.counters.affinity_hits += 1;
+            return Some(i);
         }
+        // The remembered backend is gone or no longer selectable.
+        Some(Err(())) => w.affinity.remove(svc.id(), key.src),
+        None => {}
     }
     let pk = PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: h };
     svc.scheduler().pick(svc.candidates(), &pk, &w.conns, &mut w.rng)
+}
+
+/// The candidate index a live affinity entry of `client` names (`Err` when it names a backend
+/// that is no longer selectable); `None` without affinity or entry.
+#[inline]
+fn affinity_candidate(
+    svc: &ServicePort,
+    client: u32,
+    affinity: &AffinityTable,
+    now: u64,
+) -> Option<Result<u16, ()>> {
+    svc.spec().affinity_timeout_s?;
+    let bid = affinity.lookup(svc.id(), client, now)?;
+    Some(svc.candidates().iter().position(|c| c.id == bid).map(|i| i as u16).ok_or(()))
 }
 
 /// The worker that owns flows whose client side is `ip:port`, out of `workers`.
@@ -945,6 +965,53 @@ fn icmp_error(
     wr16(b, l4 + 2, c);
     w.counters.icmp_errors_translated += 1;
     forward(f, o, t, new_dst)
+}
+
+// ---- Inspect hook (`io::inspect`'s flow query): the new-flow decision without side effects.
+
+/// What a new flow would get from the pipeline now (see [`peek_new_flow`]).
+#[derive(Clone, Copy, Debug)]
+pub struct NewFlowChoice {
+    /// The frontend the tuple matches.
+    pub frontend: Frontend,
+    /// The backend candidate chosen (`None`: no usable endpoint, the flow is rejected).
+    pub backend: Option<Candidate>,
+    /// The choice follows a session-affinity entry.
+    pub by_affinity: bool,
+    /// The flow would be source-NATed (hairpin or masquerade).
+    pub snat: bool,
+    /// NetworkPolicy's verdict on the client to the chosen backend (`Ok` without a backend).
+    pub policy: Result<(), DropReason>,
+}
+
+/// The decision [`process_batch`] would take for a new flow with tuple `key` on this worker,
+/// through the same lookups: the frontend table, the affinity entry ([`affinity_candidate`],
+/// as `choose` uses it) and the service's scheduler ([`crate::balance::Scheduler::peek`]: the
+/// round-robin position does not move and random draws from a copy of the worker's RNG, so
+/// the answer is what the next new flow would get), then NetworkPolicy on the backend pod as
+/// `new_flow` checks it. Nothing is changed: no affinity entry is
+/// added or removed, no counter moves. `None` when no frontend matches or its service port is
+/// gone. A backend that already has a direct connection with this very tuple would make the
+/// real flow take a source-NAT port; that case is not reported.
+pub fn peek_new_flow(
+    t: &Tables,
+    w: &WorkerState,
+    key: &FlowKey,
+    now: u64,
+) -> Option<NewFlowChoice> {
+    let frontend = *t.frontend(&frontend_key(key))?;
+    let svc = t.service(frontend.service)?;
+    let (ci, by_affinity) = match affinity_candidate(svc, key.src, &w.affinity, now) {
+        Some(Ok(i)) => (Some(i), true),
+        _ => {
+            let pk = PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: w.ct.hash(key) };
+            (svc.scheduler().peek(svc.candidates(), &pk, &w.conns, &w.rng), false)
+        }
+    };
+    let backend = ci.map(|i| svc.candidates()[usize::from(i)]);
+    let snat = backend.is_some_and(|c| needs_snat(&frontend, svc, &c, key));
+    let policy = backend.map_or(Ok(()), |c| t.policy().check(key.src, c.ip, key.proto, c.port));
+    Some(NewFlowChoice { frontend, backend, by_affinity, snat, policy })
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -284,6 +284,10 @@ pub struct SyncStats {
     pub refused: AtomicU64,
     /// Frames over the size limit (connection closed).
     pub too_large: AtomicU64,
+    /// Control connections open now (inspect, metrics).
+    pub active: AtomicU64,
+    /// Time from a control message read to its tables live (inspect, metrics).
+    pub apply_latency: crate::histogram::Histogram,
 }
 
 impl SyncStats {
@@ -712,7 +716,12 @@ fn accept_loop(
 /// not close it).
 pub fn serve_conn(stream: UnixStream, applier: &Mutex<Applier>) {
     let mut stream = stream;
+    let stats = applier.lock().stats().clone();
+    stats.active.fetch_add(1, Ordering::Relaxed);
+    tracing::info!("sync: control connected");
     serve(&mut stream, applier);
+    stats.active.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!("sync: control disconnected");
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
@@ -729,9 +738,13 @@ fn serve(stream: &mut UnixStream, applier: &Mutex<Applier>) {
     }
     loop {
         let reply = match read_frame::<_, ToDataplane>(stream) {
-            Ok(msg) => match applier.lock().apply(msg) {
-                Ok(generation) => ToControl::Ack { generation },
-                Err(e) => {
+            Ok(msg) => match (Instant::now(), applier.lock().apply(msg)) {
+                (t0, Ok(generation)) => {
+                    stats.apply_latency.observe(t0.elapsed());
+                    tracing::info!(generation, "sync: tables live");
+                    ToControl::Ack { generation }
+                }
+                (_, Err(e)) => {
                     tracing::warn!(error = %e, "sync: message refused, tables unchanged");
                     ToControl::Error { reason: e.to_string() }
                 }

@@ -122,37 +122,68 @@ impl Topology {
     /// Builds a node and one pod per address, each on its own veth pair. `tag` keeps names
     /// unique between concurrent runs.
     pub fn build(tag: &str, pod_ips: &[Ipv4Addr]) -> Result<Topology, String> {
+        Self::build_with(tag, pod_ips, 1)
+    }
+
+    /// [`Topology::build`] with `queues` receive and transmit queues on both ends of every
+    /// veth.
+    pub fn build_with(tag: &str, pod_ips: &[Ipv4Addr], queues: u32) -> Result<Topology, String> {
         let node = Netns::new(&format!("kxdp-{tag}-node"))?;
         node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         let dir = std::env::temp_dir().join(format!("kxdp-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let mut pods = Vec::new();
-        for (i, ip) in pod_ips.iter().enumerate() {
-            let ns = Netns::new(&format!("kxdp-{tag}-p{i}"))?;
-            let host_if = format!("kx{tag}{i}");
-            let host_if = host_if.chars().take(15).collect::<String>();
-            node.ip(&[
-                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-            ])?;
-            node.ip(&["link", "set", &host_if, "up"])?;
-            let mac = node.ip(&["-br", "link", "show", &host_if])?;
-            let mac = mac.split_whitespace().nth(2).ok_or("no MAC")?.to_string();
-            let cidr = format!("{ip}/32");
-            ns.ip(&["addr", "add", &cidr, "dev", "eth0"])?;
-            ns.ip(&["link", "set", "eth0", "up"])?;
-            // A pod's veth hands the kernel's packets over with the L4 checksum left for the
-            // device to finish (CHECKSUM_PARTIAL); a frame redirected to AF_XDP carries no such
-            // note, so the pod must send complete checksums (as with DPDK or AF_XDP on veth).
-            ns.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
-            ns.ip(&["neigh", "add", GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
-            ns.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
-            ns.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0", "onlink"])?;
-            node.ip(&["route", "add", &ip.to_string(), "dev", &host_if])?;
-            // The pod's own end gets a pass-all XDP program too (veth wants one on both ends
-            // for native XDP); it steers nothing.
-            pods.push(Pod { ns, ip: *ip, host_if });
+        let mut topo = Topology { pods: Vec::new(), node, dir };
+        for ip in pod_ips {
+            topo.add_pod(tag, *ip, queues)?;
         }
-        Ok(Topology { pods, node, dir })
+        Ok(topo)
+    }
+
+    /// Adds a pod (namespace `kxdp-TAG-pN`, node-side veth `kxTAGN`) with `queues` queues on
+    /// both ends of its veth, as a CNI plugin would: veth, address, routes both ways.
+    pub fn add_pod(&mut self, tag: &str, ip: Ipv4Addr, queues: u32) -> Result<&Pod, String> {
+        let i = self.pods.len();
+        let node = &self.node;
+        let ns = Netns::new(&format!("kxdp-{tag}-p{i}"))?;
+        let host_if = format!("kx{tag}{i}");
+        let host_if = host_if.chars().take(15).collect::<String>();
+        let q = queues.max(1).to_string();
+        node.ip(&[
+            "link",
+            "add",
+            &host_if,
+            "numrxqueues",
+            &q,
+            "numtxqueues",
+            &q,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "numrxqueues",
+            &q,
+            "numtxqueues",
+            &q,
+            "netns",
+            &ns.name,
+        ])?;
+        node.ip(&["link", "set", &host_if, "up"])?;
+        let mac = node.ip(&["-br", "link", "show", &host_if])?;
+        let mac = mac.split_whitespace().nth(2).ok_or("no MAC")?.to_string();
+        let cidr = format!("{ip}/32");
+        ns.ip(&["addr", "add", &cidr, "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        // A pod's veth hands the kernel's packets over with the L4 checksum left for the
+        // device to finish (CHECKSUM_PARTIAL); a frame redirected to AF_XDP carries no such
+        // note, so the pod must send complete checksums (as with DPDK or AF_XDP on veth).
+        ns.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+        ns.ip(&["neigh", "add", GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
+        ns.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0", "onlink"])?;
+        node.ip(&["route", "add", &ip.to_string(), "dev", &host_if])?;
+        self.pods.push(Pod { ns, ip, host_if });
+        Ok(&self.pods[i])
     }
 
     /// Lets the node's kernel learn every pod's MAC (as it would by forwarding to it), so
@@ -196,11 +227,13 @@ impl Proc {
             .map_err(|e| format!("{}: {e}", args.join(" ")))?;
         Ok(Proc { child, log: log.into() })
     }
-    /// Stops it (SIGTERM, up to 10 s, then SIGKILL); returns whether it exited by itself.
+    /// Stops it (SIGTERM, up to 20 s, then SIGKILL); returns whether it exited by itself.
+    /// (Closing AF_XDP sockets and detaching XDP wait for RCU and the rtnl lock, which take
+    /// seconds when other tests create and delete namespaces at the same time.)
     pub fn stop(&mut self) -> bool {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return true;
@@ -501,6 +534,24 @@ fn push(socket: &Path, msg: dataplane::sync::ToDataplane, generation: u64) -> Re
     }
 }
 
+/// The demo topology (a client pod and the backends of [`DEMO_PODS`]) with neighbours
+/// resolved, UDP echo servers on port 5353 of the echo backends and HTTP servers on port 8080
+/// of the others, serving until dropped.
+pub fn demo_topology(tag: &str) -> Result<(Topology, Vec<Server>), String> {
+    let pods: Vec<Ipv4Addr> = DEMO_PODS.iter().map(|a| Ipv4Addr::from(*a)).collect();
+    let topo = Topology::build(tag, &pods)?;
+    topo.resolve_neighbours()?;
+    let mut servers = Vec::new();
+    for b in &topo.pods[1..] {
+        if b.ip.octets()[3] / 10 == 2 {
+            servers.push(udp_echo(b, 5353)?);
+        } else {
+            servers.push(http_server(b, 8080)?);
+        }
+    }
+    Ok((topo, servers))
+}
+
 /// Demo addresses: the client pod first, then the backends of web, echo and sticky.
 pub const DEMO_PODS: [[u8; 4]; 8] = [
     [10, 200, 0, 2],
@@ -561,4 +612,62 @@ pub fn start_dataplane(
         return Err(format!("the dataplane did not start:\n{}", dp.log()));
     }
     Ok(dp)
+}
+
+/// Sends UDP requests from `pod` to `to` one after another (a new socket, so a new flow, for
+/// each), each waiting up to 300 ms for its answer, until `stop` is set or `limit` requests
+/// were sent; returns (sent, answered).
+pub fn udp_load(
+    pod: &Pod,
+    to: SocketAddr,
+    stop: Arc<AtomicBool>,
+    limit: u64,
+) -> std::thread::JoinHandle<Result<(u64, u64), String>> {
+    pod.ns.spawn(move || {
+        let (mut sent, mut answered) = (0u64, 0u64);
+        let mut buf = [0u8; 512];
+        while !stop.load(Ordering::Relaxed) && sent < limit {
+            let Ok(s) = UdpSocket::bind("0.0.0.0:0") else { continue };
+            s.set_read_timeout(Some(Duration::from_millis(300))).ok();
+            if s.send_to(b"load", to).is_err() {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            sent += 1;
+            if s.recv_from(&mut buf).is_ok() {
+                answered += 1;
+            }
+        }
+        (sent, answered)
+    })
+}
+
+/// Frames received per (interface, queue), summed over workers, from a stats report.
+pub fn rx_by_queue(report: &serde_json::Value) -> std::collections::BTreeMap<(String, u64), u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for w in report["workers"].as_array().into_iter().flatten() {
+        for p in w["ports"].as_array().into_iter().flatten() {
+            let key =
+                (p["iface"].as_str().unwrap_or("").to_string(), p["queue"].as_u64().unwrap_or(0));
+            *out.entry(key).or_insert(0) += p["rx"].as_u64().unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// Whether every UMEM pool of every worker accounts for each of its frames exactly once and
+/// saw no frame in the wrong place; the pools' descriptions otherwise.
+pub fn pools_consistent(report: &serde_json::Value) -> Result<usize, String> {
+    let mut n = 0;
+    for w in report["workers"].as_array().into_iter().flatten() {
+        for p in w["pools"].as_array().into_iter().flatten() {
+            n += 1;
+            if p["consistent"] != serde_json::Value::Bool(true)
+                || p["anomalies"].as_u64() != Some(0)
+            {
+                return Err(format!("worker {}: pool {p}", w["id"]));
+            }
+        }
+    }
+    Ok(n)
 }

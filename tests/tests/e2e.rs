@@ -171,18 +171,8 @@ fn two_workers_keep_flows_whose_directions_cross_workers() {
         eprintln!("skipped: needs root, network namespaces and BPF");
         return;
     }
-    let pods: Vec<Ipv4Addr> = DEMO_PODS.iter().map(|a| Ipv4Addr::from(*a)).collect();
-    let topo = Topology::build("e2w", &pods).expect("topology");
-    topo.resolve_neighbours().unwrap();
-    let (client, backends) = topo.pods.split_first().unwrap();
-    let mut servers = Vec::new();
-    for b in backends {
-        if b.ip.octets()[3] / 10 == 2 {
-            servers.push(udp_echo(b, 5353).unwrap());
-        } else {
-            servers.push(http_server(b, 8080).unwrap());
-        }
-    }
+    let (topo, _servers) = demo_topology("e2w").expect("topology");
+    let client = &topo.pods[0];
     // Two workers: the veths are split between them, so a flow's request and reply are
     // received by different workers.
     let (cfg, socket) = write_node_config(&topo, &[0, 1]).unwrap();

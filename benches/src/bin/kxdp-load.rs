@@ -366,7 +366,7 @@ fn send(a: SendArgs, stop: &AtomicBool) -> Result<(), String> {
 }
 
 fn recv(a: RecvArgs, stop: &AtomicBool) -> Result<(), String> {
-    use dataplane::io::xsk::Port;
+    use dataplane::io::xsk::{Geometry, Opened, Port};
     use xdp_redirect::{AttachMode, Direction, XdpRedirect};
     let frames = check_frames(a.frames)?;
     let per_flow = a.per_flow || a.per_flow_csv.is_some();
@@ -380,7 +380,15 @@ fn recv(a: RecvArgs, stop: &AtomicBool) -> Result<(), String> {
     }
     let idx = ifindex(&a.iface)?;
     pin(a.core)?;
-    let mut port = Port::open(&a.iface, idx, a.queue, frames.get()).map_err(|e| e.to_string())?;
+    // A socket with a UMEM of its own (nothing to share it with).
+    let geo = Geometry { frames: frames.get(), ring: frames.get() / 2 };
+    let Opened::Own(mut port, mut pool, _) =
+        Port::open(&a.iface, idx, a.queue, geo, None).map_err(|e| e.to_string())?
+    else {
+        return Err("a socket opened without sharing came back shared".into());
+    };
+    port.adopt(&mut pool, 0);
+    port.refill(&mut pool);
     let prog = XdpRedirect::load().map_err(|e| e.to_string())?;
     for c in &steer {
         prog.add_prefix(Direction::Dst, c.addr, c.len).map_err(|e| format!("--steer {c}: {e}"))?;
@@ -407,7 +415,7 @@ fn recv(a: RecvArgs, stop: &AtomicBool) -> Result<(), String> {
                 break;
             }
         }
-        let n = port.recv(&mut rx);
+        let n = port.recv(&mut pool, &mut rx);
         if n > 0 {
             let now = Instant::now();
             first.get_or_insert(now);
@@ -417,7 +425,7 @@ fn recv(a: RecvArgs, stop: &AtomicBool) -> Result<(), String> {
         for d in rx.iter().take(n) {
             // SAFETY: the descriptor was just received, so userspace owns the frame until
             // `recycle` below.
-            let data = unsafe { port.room(d) };
+            let data = unsafe { pool.room(d) };
             let frame = &data[..Port::len_of(d).min(data.len())];
             total += 1;
             match parse_rx(frame) {
@@ -441,9 +449,9 @@ fn recv(a: RecvArgs, stop: &AtomicBool) -> Result<(), String> {
             }
         }
         for d in rx.iter().take(n) {
-            port.recycle(*d);
+            pool.recycle(*d);
         }
-        port.refill();
+        port.refill(&mut pool);
         if n == 0 {
             idle = idle.saturating_add(1);
             if idle > 64 {

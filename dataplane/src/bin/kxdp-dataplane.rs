@@ -24,6 +24,12 @@ struct Args {
     /// Control socket path, overriding the configuration file.
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// Inspect socket path (for kxdp-inspect), overriding the configuration file.
+    #[arg(long)]
+    inspect_socket: Option<PathBuf>,
+    /// Prometheus metrics address (`none` to disable), overriding the configuration file.
+    #[arg(long)]
+    metrics_address: Option<String>,
     /// Worker cores, overriding the configuration file (e.g. `0,1`).
     #[arg(long, value_delimiter = ',')]
     cores: Option<Vec<usize>>,
@@ -37,7 +43,7 @@ struct Args {
     #[arg(long)]
     stats_file: Option<PathBuf>,
     /// How often to write the stats file.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = dataplane::io::config::parse_duration)]
     stats_interval: Duration,
     /// Print the queue and IRQ plan (which core serves each interface queue) and exit.
     #[arg(long)]
@@ -48,16 +54,6 @@ struct Args {
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     #[arg(long, default_value = "info")]
     log_level: String,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        _ => Err(format!("bad duration unit in {s:?} (use ms or s)")),
-    }
 }
 
 fn main() {
@@ -81,6 +77,20 @@ fn main() {
     }
     if let Some(s) = args.control_socket {
         cfg.control_socket = s;
+    }
+    if let Some(s) = args.inspect_socket {
+        cfg.inspect_socket = Some(s);
+    }
+    match args.metrics_address.as_deref() {
+        None => {}
+        Some("none") => cfg.metrics_address = None,
+        Some(a) => match a.parse() {
+            Ok(a) => cfg.metrics_address = Some(a),
+            Err(e) => {
+                eprintln!("kxdp-dataplane: --metrics-address {a}: {e}");
+                std::process::exit(2);
+            }
+        },
     }
     if let Some(c) = args.cores {
         cfg.cores = c;
@@ -124,7 +134,8 @@ fn main() {
         }
     };
     tracing::info!("forwarding");
-    let r = dataplane::io::run_until(&dp, &stop, args.stats_file.as_deref(), args.stats_interval);
+    let r =
+        dataplane::io::run_until(&mut dp, &stop, args.stats_file.as_deref(), args.stats_interval);
     tracing::info!("stopping");
     dp.shutdown();
     if let Err(e) = r {

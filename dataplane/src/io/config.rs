@@ -71,6 +71,54 @@ pub struct InterfaceConfig {
     /// Raw mode only: transmit everything received here out of this interface, untouched.
     #[serde(default)]
     pub raw_forward_to: Option<String>,
+    /// Combined channels (queue pairs) to set at start (`ethtool -L combined N`), where the
+    /// driver allows; when it does not, the reason is logged and the current count is used.
+    #[serde(default)]
+    pub channels: Option<u32>,
+}
+
+/// Interfaces picked up by name, at start and whenever one appears (a pod's veth, an ENI
+/// attached); each is dropped again when it disappears.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfacePattern {
+    /// A name pattern: `*` matches any run of characters, `?` one (`cali*`, `veth*`, `eth?`).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Role of the interfaces it matches.
+    pub role: Role,
+    /// Combined channels to set on each (see [`InterfaceConfig::channels`]).
+    #[serde(default)]
+    pub channels: Option<u32>,
+}
+
+impl InterfacePattern {
+    /// Whether `name` matches the pattern.
+    pub fn matches(&self, name: &str) -> bool {
+        glob(self.pattern.as_bytes(), name.as_bytes())
+    }
+}
+
+/// `*` and `?` glob matching, iterative with one back-tracking point (linear in practice).
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if let Some((sp, ss)) = star {
+            pi = sp + 1;
+            si = ss + 1;
+            star = Some((sp, ss + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
 }
 
 /// How frames are processed.
@@ -129,8 +177,12 @@ impl Default for ConntrackConfig {
 pub struct NodeConfig {
     /// This node's name (as in the Kubernetes Node object).
     pub node_name: String,
-    /// Interfaces owned by the dataplane.
+    /// Interfaces owned by the dataplane, by name (each must exist at start).
+    #[serde(default)]
     pub interfaces: Vec<InterfaceConfig>,
+    /// Interfaces owned by the dataplane, by name pattern, picked up and dropped at runtime.
+    #[serde(default)]
+    pub interface_patterns: Vec<InterfacePattern>,
     /// Worker cores (default: every core). One worker thread per core.
     #[serde(default)]
     pub cores: Vec<usize>,
@@ -147,6 +199,14 @@ pub struct NodeConfig {
     /// The control socket the control plane connects to.
     #[serde(default = "default_socket")]
     pub control_socket: PathBuf,
+    /// The inspect socket `kxdp-inspect` talks to (default: `inspect.sock` next to the
+    /// control socket).
+    #[serde(default)]
+    pub inspect_socket: Option<PathBuf>,
+    /// Where Prometheus metrics are served over HTTP (`null`: not served). Loopback by default:
+    /// the dataplane runs in the host network, so any other address is reachable from outside.
+    #[serde(default = "default_metrics")]
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Address used to source-NAT (masquerade, hairpin).
     #[serde(default)]
     pub snat_ip: Option<Ipv4Addr>,
@@ -159,9 +219,20 @@ pub struct NodeConfig {
     /// Conntrack sizing.
     #[serde(default)]
     pub conntrack: ConntrackConfig,
-    /// UMEM frames per socket (2 KiB each).
+    /// UMEM frames (2 KiB each) per socket. A worker whose sockets share one UMEM gets
+    /// this many per socket planned for it at start (at least 8 sockets' worth when
+    /// `interface_patterns` may bring more at runtime); each socket's fill ring gets an equal
+    /// share of the pool (at most `ring_size`), less a reserve kept for copies.
     #[serde(default = "default_frames")]
     pub umem_frames: u32,
+    /// Entries in each socket ring (fill, completion, rx, tx); a power of two.
+    #[serde(default = "default_ring")]
+    pub ring_size: u32,
+    /// Let a worker's sockets share one UMEM (`XDP_SHARED_UMEM`), so frames move between
+    /// interfaces without a copy. Where the kernel refuses, the socket gets its own UMEM
+    /// (logged, counted); `false` gives every socket its own.
+    #[serde(default = "default_true")]
+    pub share_umem: bool,
     /// Name of the TUN device that hands frames to the kernel (empty: no punting; such frames
     /// are dropped and counted).
     #[serde(default = "default_punt")]
@@ -178,14 +249,33 @@ fn default_true() -> bool {
 fn default_socket() -> PathBuf {
     PathBuf::from("/run/kxdp/control.sock")
 }
+fn default_metrics() -> Option<std::net::SocketAddr> {
+    Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9964)))
+}
 fn default_frames() -> u32 {
     4096
+}
+fn default_ring() -> u32 {
+    2048
 }
 fn default_punt() -> String {
     "kxdp-punt".into()
 }
 fn default_idle() -> u32 {
     10_000
+}
+
+/// Parses a command-line duration: a number with `ms`, `s` (the default) or `m`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("bad duration unit in {s:?} (use ms, s or m)")),
+    }
 }
 
 /// Why the configuration could not be used.
@@ -231,9 +321,27 @@ impl NodeConfig {
         Ok(c)
     }
 
+    /// The inspect socket: `inspect_socket`, or `inspect.sock` next to the control socket.
+    pub fn inspect_socket_path(&self) -> PathBuf {
+        self.inspect_socket
+            .clone()
+            .unwrap_or_else(|| self.control_socket.with_file_name("inspect.sock"))
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
-        if self.interfaces.is_empty() {
-            return Err(ConfigError::Invalid("no interfaces".into()));
+        if self.interfaces.is_empty() && self.interface_patterns.is_empty() {
+            return Err(ConfigError::Invalid("no interfaces and no interface patterns".into()));
+        }
+        if self.mode == Mode::Raw && !self.interface_patterns.is_empty() {
+            return Err(ConfigError::Invalid(
+                "raw mode forwards between named interfaces; interface_patterns are not allowed"
+                    .into(),
+            ));
+        }
+        if !self.ring_size.is_power_of_two() || !(64..=32768).contains(&self.ring_size) {
+            return Err(ConfigError::Invalid(
+                "ring_size must be a power of two from 64 to 32768".into(),
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for i in &self.interfaces {
@@ -297,5 +405,26 @@ mod tests {
         assert!(NodeConfig::parse("node_name: n\ninterfaces: [{name: a, role: pod}]\nsteer: {destinations: [10.0.0.0/33]}\n").is_err());
         assert!(NodeConfig::parse("node_name: n\ninterfaces: [{name: a, role: pod}]\nmode: raw\n")
             .is_err());
+    }
+
+    #[test]
+    fn interface_patterns_match_names() {
+        let c = NodeConfig::parse(
+            "node_name: n\ninterface_patterns:\n  - {match: 'cali*', role: pod}\n  - {match: 'eth?', role: uplink, channels: 4}\n",
+        )
+        .unwrap();
+        assert!(c.interfaces.is_empty());
+        let (cali, eth) = (&c.interface_patterns[0], &c.interface_patterns[1]);
+        assert!(cali.matches("cali1234abcd") && cali.matches("cali"));
+        assert!(!cali.matches("xcali1") && !cali.matches("cal"));
+        assert!(eth.matches("eth0") && !eth.matches("eth10") && !eth.matches("eth"));
+        assert_eq!(eth.channels, Some(4));
+        let mid = InterfacePattern { pattern: "v*h*1".into(), role: Role::Pod, channels: None };
+        assert!(mid.matches("veth1") && mid.matches("vXhY1") && !mid.matches("veth12"));
+        assert!(NodeConfig::parse("node_name: n\n").is_err(), "no interfaces at all");
+        assert!(NodeConfig::parse(
+            "node_name: n\ninterface_patterns: [{match: 'a*', role: pod}]\nring_size: 100\n"
+        )
+        .is_err());
     }
 }

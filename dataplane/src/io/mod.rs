@@ -1,13 +1,23 @@
 //! The dataplane process: AF_XDP sockets, pinned workers, the XDP program, table publication.
 //!
-//! Start-up order matters and is: read the configuration; open every socket and the punt
-//! device; start the control socket server and load the kernel's next hops; start the workers
-//! and wait until each is polling; only then load the XDP program on every interface, fill its
-//! socket map and prefixes, and attach it (replacing a stale program a crashed run left, never
-//! a foreign one). Stopping reverses it: detach XDP first, so the kernel gets the traffic back
-//! before the sockets close, then stop and join the workers.
+//! Start-up order matters and is: read the configuration; set channel counts where asked; open
+//! every socket (a worker's sockets share its UMEM) and the punt device; start the control
+//! socket server and load the kernel's next hops; start the workers and wait until each is
+//! polling; only then load the XDP program on every interface, fill its socket map and
+//! prefixes, and attach it (replacing a stale program a crashed run left, never a foreign one).
+//! Stopping reverses it: detach XDP first, so the kernel gets the traffic back before the
+//! sockets close, then stop and join the workers.
+//!
+//! Interfaces come and go at runtime ([`Dataplane::reconcile`], driven by the netlink watcher
+//! in [`run_until`]): an interface that appears and is named in the configuration or matches
+//! one of its patterns gets its sockets (each queue on the least-loaded worker, sharing that
+//! worker's UMEM), sent to the workers over their command channels, then its XDP program; one
+//! that disappears loses its program, then its sockets (the workers close them between rounds
+//! and take their frames back). Other interfaces' sockets, programs and flows are untouched.
 
 pub mod config;
+pub mod inspect;
+pub mod metrics;
 pub mod plan;
 pub mod punt;
 pub mod worker;
@@ -24,10 +34,13 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use self::config::{Mode, NodeConfig, XdpMode};
+use crossbeam::channel::Sender;
+use xsk_rs::Umem;
+
+use self::config::{Mode, NodeConfig, Role, XdpMode};
 use self::punt::Punt;
-use self::worker::{Handoff, Worker, WorkerStats};
-use self::xsk::Port;
+use self::worker::{Command, Handoff, Worker, WorkerStats};
+use self::xsk::{Geometry, Opened, Pool, Port};
 use crate::counters::Counters;
 use crate::pipeline::{Shared, WorkerConfig, WorkerState};
 use crate::sync::{Applier, Server};
@@ -67,10 +80,21 @@ pub enum StartError {
     /// Discovering queues and IRQs failed.
     #[error("planning queues and IRQs: {0}")]
     Plan(String),
+    /// The inspect socket or the metrics listener could not be opened.
+    #[error("{what}: {source}")]
+    Ops {
+        /// Which (socket path or address).
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// Reading the kernel's tables failed.
     #[error("reading next hops from the kernel: {0}")]
     Netlink(String),
 }
+
+/// Frames a capture session can hold in flight (2 KiB each, allocated at start).
+const CAPTURE_FRAMES: usize = 4096;
 
 /// Receive queues of an interface, from sysfs (at least 1).
 pub fn rx_queues(iface: &str) -> u32 {
@@ -82,22 +106,6 @@ pub fn rx_queues(iface: &str) -> u32 {
         })
         .unwrap_or(1)
         .max(1)
-}
-
-/// Opens a socket, retrying for a few seconds while the queue is busy: the kernel releases the
-/// sockets of a process that just died asynchronously, so a restart after a crash can find the
-/// queue still bound for a moment.
-fn open_port(iface: &str, ifindex: u32, queue: u32, frames: u32) -> Result<Port, xsk::XskError> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match Port::open(iface, ifindex, queue, frames) {
-            Err(e) if e.is_busy() && Instant::now() < deadline => {
-                tracing::warn!(iface, queue, "queue busy (a previous run's socket?), retrying");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            r => return r,
-        }
-    }
 }
 
 fn ifindex_of(name: &str) -> Option<u32> {
@@ -116,22 +124,102 @@ pub fn worker_cores(cfg: &NodeConfig) -> Vec<usize> {
     }
 }
 
-/// Discovers the configured interfaces' queues and IRQs and plans which worker core serves
+/// An interface the configuration selects, by name or by pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selected {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Queues to bind (None: all).
+    pub queues: Option<Vec<u32>>,
+    /// Combined channels to set.
+    pub channels: Option<u32>,
+}
+
+/// Whether the configuration selects interface `name`, and how.
+pub fn select(cfg: &NodeConfig, name: &str) -> Option<Selected> {
+    if name == "lo" || (!cfg.punt_device.is_empty() && name == cfg.punt_device) {
+        return None;
+    }
+    if let Some(i) = cfg.interfaces.iter().find(|i| i.name == name) {
+        return Some(Selected {
+            name: name.into(),
+            role: i.role,
+            queues: i.queues.clone(),
+            channels: i.channels,
+        });
+    }
+    cfg.interface_patterns.iter().find(|p| p.matches(name)).map(|p| Selected {
+        name: name.into(),
+        role: p.role,
+        queues: None,
+        channels: p.channels,
+    })
+}
+
+/// The interfaces selected now: every named one, then every existing one a pattern matches
+/// (from `/sys/class/net`), sorted by name.
+pub fn selected_now(cfg: &NodeConfig) -> Vec<Selected> {
+    let mut out: Vec<Selected> =
+        cfg.interfaces.iter().filter_map(|i| select(cfg, &i.name)).collect();
+    if !cfg.interface_patterns.is_empty() {
+        let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        for n in names {
+            if !out.iter().any(|s| s.name == n) {
+                out.extend(select(cfg, &n));
+            }
+        }
+    }
+    out
+}
+
+/// Sets `iface`'s channel count to `want` where the driver allows it, logging what happened.
+fn apply_channels(iface: &str, want: u32) {
+    match plan::set_channels(iface, want) {
+        Ok(plan::ChannelChange::Unchanged) => {
+            tracing::info!(iface, channels = want, "channel count already as configured")
+        }
+        Ok(plan::ChannelChange::Set { before }) => {
+            tracing::info!(iface, from = before, to = want, "channel count set")
+        }
+        Err(reason) => {
+            tracing::warn!(iface, wanted = want, %reason, "channel count not changed; using the current one")
+        }
+    }
+}
+
+fn restrict_queues(info: &mut plan::IfaceInfo, q: &Option<Vec<u32>>) {
+    if let Some(q) = q {
+        info.queues.retain(|x| q.contains(x));
+        for x in q {
+            if !info.queues.contains(x) {
+                info.queues.push(*x);
+            }
+        }
+        info.queues.sort_unstable();
+    }
+}
+
+/// Discovers the selected interfaces' queues and IRQs and plans which worker core serves
 /// each queue and where each IRQ goes (see [`plan`]).
 pub fn make_plan(cfg: &NodeConfig) -> Result<plan::Plan, StartError> {
-    let names: Vec<&str> = cfg.interfaces.iter().map(|i| i.name.as_str()).collect();
+    make_plan_for(cfg, &selected_now(cfg))
+}
+
+fn make_plan_for(cfg: &NodeConfig, sel: &[Selected]) -> Result<plan::Plan, StartError> {
+    let names: Vec<&str> = sel.iter().map(|i| i.name.as_str()).collect();
     let mut ifs = plan::discover_with(std::path::Path::new("/"), &names, &plan::Ethtool)
         .map_err(|e| StartError::Plan(e.to_string()))?;
-    for (info, conf) in ifs.iter_mut().zip(&cfg.interfaces) {
-        if let Some(q) = &conf.queues {
-            info.queues.retain(|x| q.contains(x));
-            for x in q {
-                if !info.queues.contains(x) {
-                    info.queues.push(*x);
-                }
-            }
-            info.queues.sort_unstable();
-        }
+    for (info, conf) in ifs.iter_mut().zip(sel) {
+        restrict_queues(info, &conf.queues);
     }
     let hk = (!cfg.housekeeping_cores.is_empty()).then_some(cfg.housekeeping_cores.as_slice());
     Ok(plan::plan(&ifs, &worker_cores(cfg), hk))
@@ -158,6 +246,25 @@ pub struct Report {
     pub workers: Vec<WorkerReport>,
     /// XDP program counters per interface.
     pub xdp: HashMap<String, XdpReport>,
+    /// Managed interfaces.
+    pub interfaces: Vec<InterfaceReport>,
+    /// Sockets whose UMEM could not be shared because the kernel refused (each got its own).
+    pub umem_share_refused: u64,
+    /// Interfaces added and removed at runtime.
+    pub interfaces_added: u64,
+    /// Interfaces removed at runtime.
+    pub interfaces_removed: u64,
+}
+
+/// One managed interface.
+#[derive(Debug, Serialize)]
+pub struct InterfaceReport {
+    /// Name.
+    pub name: String,
+    /// Index.
+    pub ifindex: u32,
+    /// (queue, worker) of each socket.
+    pub queues: Vec<(u32, usize)>,
 }
 
 /// One worker's figures.
@@ -181,6 +288,14 @@ pub struct WorkerReport {
     pub tx_dropped: u64,
     /// Frames transmitted.
     pub transmitted: u64,
+    /// Frames moved to another interface by passing the descriptor (shared UMEM).
+    pub zero_copy: u64,
+    /// Frames copied into another socket's UMEM.
+    pub copied: u64,
+    /// Per socket.
+    pub ports: Vec<worker::PortStats>,
+    /// Per UMEM pool: frame accounting.
+    pub pools: Vec<worker::PoolStats>,
 }
 
 /// The XDP program's counters on one interface.
@@ -194,6 +309,16 @@ pub struct XdpReport {
     pub no_socket: u64,
 }
 
+/// An interface the dataplane manages now.
+struct Managed {
+    name: String,
+    ifindex: u32,
+    /// (queue, worker, socket fd) of each socket.
+    queues: Vec<(u32, usize, i32)>,
+    prog: Option<xdp_redirect::XdpRedirect>,
+    attachment: Option<xdp_redirect::Attachment>,
+}
+
 /// A running dataplane.
 pub struct Dataplane {
     cfg: NodeConfig,
@@ -203,18 +328,39 @@ pub struct Dataplane {
     applier: Arc<Mutex<Applier>>,
     server: Option<Server>,
     live: Arc<ArcSwap<Tables>>,
-    progs: Vec<(String, xdp_redirect::XdpRedirect)>,
-    attachments: Vec<xdp_redirect::Attachment>,
-    managed: Vec<u32>,
+    ifaces: Vec<Managed>,
+    /// Per running worker: its command channel and its shared UMEM (when sharing).
+    commands: Vec<Sender<Command>>,
+    umems: Vec<Option<Umem>>,
+    handoff: Arc<Handoff>,
+    geo: Geometry,
+    share_refused: u64,
+    added: u64,
+    removed: u64,
     started: Instant,
+    // Ops (io::inspect, io::metrics): started after the workers, stopped before them.
+    ops: Option<Arc<inspect::Context>>,
+    inspect: Option<inspect::InspectServer>,
+    metrics: Option<metrics::MetricsServer>,
 }
 
 impl Dataplane {
     /// Sets everything up and starts forwarding; see the module docs for the order.
     pub fn start(cfg: NodeConfig) -> Result<Dataplane, StartError> {
         let started = Instant::now();
+        let sel = selected_now(&cfg);
+        for i in &cfg.interfaces {
+            if ifindex_of(&i.name).is_none() {
+                return Err(StartError::NoInterface(i.name.clone()));
+            }
+        }
+        for s in &sel {
+            if let Some(n) = s.channels {
+                apply_channels(&s.name, n);
+            }
+        }
         // Which worker core serves each (interface, queue), and where its IRQ goes.
-        let the_plan = make_plan(&cfg)?;
+        let the_plan = make_plan_for(&cfg, &sel)?;
         tracing::info!("queue plan:\n{the_plan}");
         if cfg.irq_affinity && !the_plan.irqs.is_empty() {
             match plan::apply(&the_plan, std::path::Path::new("/")) {
@@ -224,41 +370,102 @@ impl Dataplane {
         }
         let cores = the_plan.workers.clone();
         let nworkers = cores.len().max(1);
-        // Sockets, each handed to its planned worker.
-        let mut per_worker: Vec<Vec<Port>> = (0..nworkers).map(|_| Vec::new()).collect();
-        let mut fds: Vec<(String, u32, u32, i32)> = Vec::new();
-        let mut managed = Vec::new();
-        for i in &cfg.interfaces {
-            let ifindex =
-                ifindex_of(&i.name).ok_or_else(|| StartError::NoInterface(i.name.clone()))?;
-            managed.push(ifindex);
-        }
+        // A worker with no queue planned for it has nothing to poll: it is not started
+        // (unless interfaces may appear later), and the running ones are numbered densely
+        // (flow ownership is computed over them).
+        let mut planned = vec![false; nworkers];
         for q in &the_plan.queues {
-            let p = open_port(&q.iface, q.ifindex, q.queue, cfg.umem_frames)?;
-            tracing::info!(iface = %q.iface, ifindex = q.ifindex, queue = q.queue, worker = q.worker, core = q.core, "AF_XDP socket open");
-            fds.push((p.name.clone(), p.ifindex, p.queue, p.fd()));
-            per_worker[q.worker.min(nworkers - 1)].push(p);
+            planned[q.worker.min(nworkers - 1)] = true;
+        }
+        let dynamic = !cfg.interface_patterns.is_empty();
+        let running: Vec<usize> = (0..nworkers).filter(|&w| dynamic || planned[w]).collect();
+        let dense: HashMap<usize, usize> =
+            running.iter().enumerate().map(|(id, &w)| (w, id)).collect();
+        let busy = running.len();
+        let geo = Geometry { frames: cfg.umem_frames, ring: cfg.ring_size };
+        let mut pools: Vec<Option<Pool>> = Vec::new();
+        let mut umems = Vec::new();
+        let mut commands = Vec::new();
+        let mut receivers = Vec::new();
+        for &w in &running {
+            // A worker's shared UMEM holds `umem_frames` per socket planned for it (at least
+            // 8 sockets' worth when interfaces may appear at runtime).
+            let planned_sockets = the_plan.queues.iter().filter(|q| q.worker == w).count();
+            let sockets = if dynamic { planned_sockets.max(8) } else { planned_sockets.max(1) };
+            let pool_geo = Geometry { frames: geo.frames.saturating_mul(sockets as u32), ..geo };
+            let pool = if cfg.share_umem { Some(Pool::new(pool_geo, "worker")?) } else { None };
+            umems.push(pool.as_ref().map(Pool::umem));
+            pools.push(pool);
+            let (tx, rx) = crossbeam::channel::unbounded();
+            commands.push(tx);
+            receivers.push(rx);
         }
         let punt = if cfg.punt_device.is_empty() {
             None
         } else {
             Some(Arc::new(Punt::open(&cfg.punt_device)?))
         };
+        let handoff = Arc::new(Handoff::new(busy, 1024, 8192));
+        let mut dp = Dataplane {
+            cfg,
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            stats: Vec::new(),
+            applier: Arc::new(Mutex::new(Applier::new(Arc::new(ArcSwap::from_pointee(
+                Tables::builder(0).build(),
+            ))))),
+            server: None,
+            live: Arc::new(ArcSwap::from_pointee(Tables::builder(0).build())),
+            ifaces: Vec::new(),
+            commands,
+            umems,
+            handoff,
+            geo,
+            share_refused: 0,
+            added: 0,
+            removed: 0,
+            started,
+            ops: None,
+            inspect: None,
+            metrics: None,
+        };
+        // Sockets, each sent to its planned worker (which adopts it on its first round).
+        for s in &sel {
+            let ifindex =
+                ifindex_of(&s.name).ok_or_else(|| StartError::NoInterface(s.name.clone()))?;
+            let mut m = Managed {
+                name: s.name.clone(),
+                ifindex,
+                queues: Vec::new(),
+                prog: None,
+                attachment: None,
+            };
+            for q in the_plan.queues.iter().filter(|q| q.iface == s.name) {
+                let w = dense[&q.worker.min(nworkers - 1)];
+                dp.open_socket(&mut m, q.queue, w, None)?;
+            }
+            dp.ifaces.push(m);
+        }
+        dp.publish_egress();
         // Tables: control socket and kernel next hops.
-        let live = Arc::new(ArcSwap::from_pointee(Tables::builder(0).snat_ip(cfg.snat_ip).build()));
-        let applier = Arc::new(Mutex::new(Applier::new(live.clone())));
-        if let Some(dir) = cfg.control_socket.parent() {
+        dp.live =
+            Arc::new(ArcSwap::from_pointee(Tables::builder(0).snat_ip(dp.cfg.snat_ip).build()));
+        dp.applier = Arc::new(Mutex::new(Applier::new(dp.live.clone())));
+        if let Some(dir) = dp.cfg.control_socket.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let server = Server::spawn(&cfg.control_socket, applier.clone())
-            .map_err(|source| StartError::Control { path: cfg.control_socket.clone(), source })?;
-        tracing::info!(socket = %cfg.control_socket.display(), "control socket listening");
-        refresh_routes(&applier, &managed).map_err(StartError::Netlink)?;
+        let server =
+            Server::spawn(&dp.cfg.control_socket, dp.applier.clone()).map_err(|source| {
+                StartError::Control { path: dp.cfg.control_socket.clone(), source }
+            })?;
+        dp.server = Some(server);
+        tracing::info!(socket = %dp.cfg.control_socket.display(), "control socket listening");
+        dp.refresh_routes().map_err(StartError::Netlink)?;
 
         // Workers.
         let shared = Shared::new(1 << 20, 1 << 16);
-        let handoff = Arc::new(Handoff::new(&managed, nworkers, 1024, 8192));
-        let raw_map: HashMap<u32, u32> = cfg
+        let raw_map: HashMap<u32, u32> = dp
+            .cfg
             .interfaces
             .iter()
             .filter_map(|i| {
@@ -266,115 +473,302 @@ impl Dataplane {
                 Some((ifindex_of(&i.name)?, ifindex_of(to)?))
             })
             .collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        // A worker with no queue planned for it has nothing to poll: it is not started, and
-        // the running ones are numbered densely (flow ownership is computed over them).
-        let running: Vec<(usize, Vec<Port>)> = per_worker
-            .into_iter()
-            .enumerate()
-            .filter(|(_, p)| !p.is_empty())
-            .map(|(i, p)| (cores[i], p))
-            .collect();
-        let busy = running.len();
         let ready = Arc::new(std::sync::Barrier::new(busy + 1));
-        let mut threads = Vec::new();
-        let mut stats = Vec::new();
-        for (id, (core, ports)) in running.into_iter().enumerate() {
+        let capture = Arc::new(crate::capture::Capture::new(CAPTURE_FRAMES));
+        let mut requests = Vec::new();
+        for (id, ((&w, rx), pool)) in running.iter().zip(receivers).zip(pools).enumerate() {
             let wcfg = WorkerConfig {
                 worker_id: id as u16,
                 workers: busy as u16,
-                conntrack_capacity: cfg.conntrack.capacity,
-                timeouts: cfg.conntrack.timeouts,
+                conntrack_capacity: dp.cfg.conntrack.capacity,
+                timeouts: dp.cfg.conntrack.timeouts,
                 ..WorkerConfig::default()
             };
             let st = Arc::new(WorkerStats::default());
-            stats.push(st.clone());
-            let w = Worker {
+            dp.stats.push(st.clone());
+            let (req_tx, req_rx) = inspect::channel();
+            requests.push(req_tx);
+            let wk = Worker {
                 id,
-                core: Some(core),
-                ports,
+                core: Some(cores[w]),
+                ports: Vec::new(),
+                pools: vec![pool],
+                commands: rx,
                 state: WorkerState::new(&wcfg, &shared),
-                live: live.clone(),
-                mode: cfg.mode,
+                live: dp.live.clone(),
+                mode: dp.cfg.mode,
                 raw_map: raw_map.clone(),
                 punt: punt.clone(),
-                handoff: handoff.clone(),
+                handoff: dp.handoff.clone(),
                 stats: st,
-                stop: stop.clone(),
-                idle_polls_before_sleep: cfg.idle_polls_before_sleep,
+                stop: dp.stop.clone(),
+                idle_polls_before_sleep: dp.cfg.idle_polls_before_sleep,
                 local: Default::default(),
+                ops: Some(inspect::WorkerOps { requests: req_rx, capture: capture.clone() }),
             };
             let ready = ready.clone();
-            threads.push(
+            dp.threads.push(
                 std::thread::Builder::new()
                     .name(format!("kxdp-worker-{id}"))
                     .spawn(move || {
                         ready.wait();
-                        w.run()
+                        wk.run()
                     })
                     .expect("spawning a worker thread"),
             );
         }
         ready.wait();
-
-        let mut dp = Dataplane {
-            cfg,
-            stop,
-            threads,
-            stats,
-            applier,
-            server: Some(server),
-            live,
-            progs: Vec::new(),
-            attachments: Vec::new(),
-            managed,
+        dp.ops = Some(Arc::new(inspect::Context {
+            node: dp.cfg.node_name.clone(),
             started,
-        };
-        // XDP last: one program instance (own socket map) per interface.
-        if let Err(e) = dp.attach_xdp(&fds) {
+            live: dp.live.clone(),
+            applier: dp.applier.clone(),
+            stats: dp.stats.clone(),
+            workers: requests,
+            conns: shared.conns.clone(),
+            capture,
+        }));
+        if let Err(e) = dp.start_ops() {
             dp.shutdown();
             return Err(e);
+        }
+
+        // XDP last: one program instance (own socket map) per interface.
+        for k in 0..dp.ifaces.len() {
+            if let Err(e) = dp.attach_xdp(k) {
+                dp.shutdown();
+                return Err(e);
+            }
         }
         Ok(dp)
     }
 
-    fn attach_xdp(&mut self, fds: &[(String, u32, u32, i32)]) -> Result<(), StartError> {
+    /// Opens interface `m`'s socket on `queue` for worker `w` (sharing its UMEM when the
+    /// configuration and the kernel allow) and sends it to the worker.
+    fn open_socket(
+        &mut self,
+        m: &mut Managed,
+        queue: u32,
+        w: usize,
+        adopted: Option<&Sender<()>>,
+    ) -> Result<(), StartError> {
+        let share = self.umems.get(w).and_then(|u| u.as_ref());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // Retry while the queue is busy: the kernel releases the sockets of a process that
+        // just died asynchronously, so a restart after a crash can find it still bound.
+        let opened = loop {
+            match Port::open(&m.name, m.ifindex, queue, self.geo, share) {
+                Err(e) if e.is_busy() && Instant::now() < deadline => {
+                    tracing::warn!(iface = %m.name, queue, "queue busy (a previous run's socket?), retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                r => break r?,
+            }
+        };
+        let (port, pool) = match opened {
+            Opened::Shared(p) => (p, None),
+            Opened::Own(p, pool, refused) => {
+                if let Some(reason) = refused {
+                    if self.share_refused == 0 {
+                        tracing::warn!(iface = %m.name, queue, %reason, "the kernel refused to share the worker's UMEM; this socket gets its own and frames to it are copied (logged once, counted in umem_share_refused)");
+                    }
+                    self.share_refused += 1;
+                }
+                (p, Some(pool))
+            }
+        };
+        tracing::info!(iface = %m.name, ifindex = m.ifindex, queue, worker = w, shared = port.shared, "AF_XDP socket open");
+        let fd = port.fd();
+        self.commands[w]
+            .send(Command::Add {
+                port: Box::new(port),
+                pool: pool.map(Box::new),
+                adopted: adopted.cloned(),
+            })
+            .map_err(|_| StartError::Plan("worker gone".into()))?;
+        m.queues.push((queue, w, fd));
+        Ok(())
+    }
+
+    /// Opens the inspect socket and the metrics listener.
+    fn start_ops(&mut self) -> Result<(), StartError> {
+        let Some(ctx) = self.ops.clone() else { return Ok(()) };
+        let path = self.cfg.inspect_socket_path();
+        let server = inspect::InspectServer::spawn(&path, ctx.clone())
+            .map_err(|source| StartError::Ops { what: path.display().to_string(), source })?;
+        tracing::info!(socket = %path.display(), "inspect socket listening");
+        self.inspect = Some(server);
+        if let Some(addr) = self.cfg.metrics_address {
+            let m = metrics::MetricsServer::spawn(addr, metrics::registry(ctx))
+                .map_err(|source| StartError::Ops { what: format!("metrics on {addr}"), source })?;
+            self.metrics = Some(m);
+        }
+        Ok(())
+    }
+
+    /// The metrics listener's address, when serving.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.addr())
+    }
+
+    /// What the inspect socket and the metrics read.
+    pub fn ops(&self) -> Option<&Arc<inspect::Context>> {
+        self.ops.as_ref()
+    }
+
+    fn attach_xdp(&mut self, k: usize) -> Result<(), StartError> {
         use xdp_redirect::{AttachMode, Direction, XdpRedirect};
         let mode = match self.cfg.xdp_mode {
             XdpMode::Native => AttachMode::Native,
             XdpMode::Generic => AttachMode::Generic,
         };
-        for i in &self.cfg.interfaces.clone() {
-            let xe = |source| StartError::Xdp { iface: i.name.clone(), source };
-            let prog = XdpRedirect::load().map_err(xe)?;
-            if self.cfg.mode == Mode::Raw {
-                // Raw mode steers everything IPv4.
-                prog.add_prefix(Direction::Dst, std::net::Ipv4Addr::UNSPECIFIED, 0).map_err(xe)?;
-            } else {
-                for c in &self.cfg.steer.destinations {
-                    prog.add_prefix(Direction::Dst, c.addr, c.len).map_err(xe)?;
-                }
-                for c in &self.cfg.steer.sources {
-                    prog.add_prefix(Direction::Src, c.addr, c.len).map_err(xe)?;
-                }
+        let m = &mut self.ifaces[k];
+        let xe = |source| StartError::Xdp { iface: m.name.clone(), source };
+        let prog = XdpRedirect::load().map_err(xe)?;
+        if self.cfg.mode == Mode::Raw {
+            // Raw mode steers everything IPv4.
+            prog.add_prefix(Direction::Dst, std::net::Ipv4Addr::UNSPECIFIED, 0).map_err(xe)?;
+        } else {
+            for c in &self.cfg.steer.destinations {
+                prog.add_prefix(Direction::Dst, c.addr, c.len).map_err(xe)?;
             }
-            for (name, _, queue, fd) in fds.iter().filter(|f| f.0 == i.name) {
-                prog.set_socket(*queue, *fd)
-                    .map_err(|source| StartError::Xdp { iface: name.clone(), source })?;
+            for c in &self.cfg.steer.sources {
+                prog.add_prefix(Direction::Src, c.addr, c.len).map_err(xe)?;
             }
-            let ifindex =
-                ifindex_of(&i.name).ok_or_else(|| StartError::NoInterface(i.name.clone()))?;
-            let att = prog.attach(ifindex, mode).map_err(xe)?;
-            tracing::info!(iface = %i.name, ifindex, mode = ?mode, "XDP program attached");
-            self.attachments.push(att);
-            self.progs.push((i.name.clone(), prog));
         }
+        for &(queue, _, fd) in &m.queues {
+            prog.set_socket(queue, fd).map_err(xe)?;
+        }
+        let att = prog.attach(m.ifindex, mode).map_err(xe)?;
+        tracing::info!(iface = %m.name, ifindex = m.ifindex, mode = ?mode, "XDP program attached");
+        m.attachment = Some(att);
+        m.prog = Some(prog);
         Ok(())
+    }
+
+    /// Tells the workers which worker transmits on each interface.
+    fn publish_egress(&self) {
+        let mut map = HashMap::new();
+        for m in &self.ifaces {
+            if let Some(&(_, w, _)) = m.queues.first() {
+                map.insert(m.ifindex, w);
+            }
+        }
+        self.handoff.egress.store(Arc::new(map));
+    }
+
+    /// Brings the managed interfaces in line with the kernel's links: adds every selected
+    /// interface that appeared, removes every managed one that disappeared (or was renamed
+    /// out of the selection). Returns (added, removed).
+    pub fn reconcile(&mut self, view: &crate::netlink::KernelView) -> (usize, usize) {
+        let gone: Vec<usize> = (0..self.ifaces.len())
+            .rev()
+            .filter(|&k| {
+                let m = &self.ifaces[k];
+                view.link(m.ifindex).is_none_or(|l| l.name != m.name)
+            })
+            .collect();
+        let removed = gone.len();
+        for k in gone {
+            self.remove_iface(k);
+        }
+        let mut added = 0;
+        for l in view.links.values() {
+            if self.ifaces.iter().any(|m| m.ifindex == l.ifindex) {
+                continue;
+            }
+            let Some(sel) = select(&self.cfg, &l.name) else { continue };
+            match self.add_iface(&sel, l.ifindex) {
+                Ok(()) => added += 1,
+                Err(e) => tracing::warn!(iface = %l.name, error = %e, "interface not taken over"),
+            }
+        }
+        if added + removed > 0 {
+            self.publish_egress();
+            if let Err(e) = self.refresh_routes() {
+                tracing::warn!(error = %e, "refreshing next hops");
+            }
+        }
+        (added, removed)
+    }
+
+    /// Takes over an interface that appeared: channels, sockets on the least-loaded workers,
+    /// XDP program.
+    fn add_iface(&mut self, sel: &Selected, ifindex: u32) -> Result<(), StartError> {
+        if let Some(n) = sel.channels {
+            apply_channels(&sel.name, n);
+        }
+        let mut info = plan::IfaceInfo::new(&sel.name, ifindex, rx_queues(&sel.name));
+        restrict_queues(&mut info, &sel.queues);
+        let mut load = vec![0usize; self.commands.len()];
+        for m in &self.ifaces {
+            for &(_, w, _) in &m.queues {
+                load[w] += 1;
+            }
+        }
+        let mut m = Managed {
+            name: sel.name.clone(),
+            ifindex,
+            queues: Vec::new(),
+            prog: None,
+            attachment: None,
+        };
+        let (adopted, acks) = crossbeam::channel::unbounded();
+        for &q in &info.queues {
+            let w = (0..load.len()).min_by_key(|&w| (load[w], w)).unwrap_or(0);
+            if let Err(e) = self.open_socket(&mut m, q, w, Some(&adopted)) {
+                self.ifaces.push(m);
+                let k = self.ifaces.len() - 1;
+                self.remove_iface(k);
+                return Err(e);
+            }
+            load[w] += 1;
+        }
+        // Steer traffic to the sockets only once their workers have stocked their fill rings
+        // (bounded: a worker is at most one round away).
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for _ in 0..m.queues.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if acks.recv_timeout(left).is_err() {
+                tracing::warn!(iface = %m.name, "a worker did not take its socket within 1 s");
+                break;
+            }
+        }
+        self.ifaces.push(m);
+        let k = self.ifaces.len() - 1;
+        if let Err(e) = self.attach_xdp(k) {
+            self.remove_iface(k);
+            return Err(e);
+        }
+        self.added += 1;
+        tracing::info!(iface = %sel.name, ifindex, queues = ?self.ifaces[k].queues.iter().map(|q| (q.0, q.1)).collect::<Vec<_>>(), "interface added");
+        Ok(())
+    }
+
+    /// Lets go of an interface: its XDP program first (when it still exists), then its
+    /// sockets (closed by their workers, frames returned).
+    fn remove_iface(&mut self, k: usize) {
+        let m = self.ifaces.remove(k);
+        if let Some(a) = m.attachment {
+            if let Err(e) = a.detach() {
+                tracing::debug!(iface = %m.name, error = %e, "detaching XDP from a vanished interface");
+            }
+        }
+        drop(m.prog);
+        let mut told = Vec::new();
+        for &(_, w, _) in &m.queues {
+            if !told.contains(&w) {
+                let _ = self.commands[w].send(Command::Remove { ifindex: m.ifindex });
+                told.push(w);
+            }
+        }
+        self.removed += 1;
+        tracing::info!(iface = %m.name, ifindex = m.ifindex, "interface removed");
     }
 
     /// Re-reads the kernel's next hops into the live tables.
     pub fn refresh_routes(&self) -> Result<(), String> {
-        refresh_routes(&self.applier, &self.managed)
+        refresh_routes(&self.applier, &self.managed())
     }
 
     /// The live tables.
@@ -383,8 +777,8 @@ impl Dataplane {
     }
 
     /// Interfaces managed, by ifindex.
-    pub fn managed(&self) -> &[u32] {
-        &self.managed
+    pub fn managed(&self) -> Vec<u32> {
+        self.ifaces.iter().map(|m| m.ifindex).collect()
     }
 
     /// A report of every counter.
@@ -404,6 +798,10 @@ impl Dataplane {
                 handed_off: s.handed_off.load(Ordering::Relaxed),
                 tx_dropped: s.tx_dropped.load(Ordering::Relaxed),
                 transmitted: s.transmitted.load(Ordering::Relaxed),
+                zero_copy: s.zero_copy.load(Ordering::Relaxed),
+                copied: s.copied.load(Ordering::Relaxed),
+                ports: s.ports.lock().clone(),
+                pools: s.pools.lock().clone(),
             });
         }
         let drops = crate::DropReason::ALL
@@ -417,18 +815,27 @@ impl Dataplane {
             .map(|r| (r.as_str(), totals.passes(*r)))
             .collect();
         let xdp = self
-            .progs
+            .ifaces
             .iter()
-            .filter_map(|(n, p)| {
-                let c = p.counters().ok()?;
+            .filter_map(|m| {
+                let c = m.prog.as_ref()?.counters().ok()?;
                 Some((
-                    n.clone(),
+                    m.name.clone(),
                     XdpReport {
                         steered: c.steered,
                         passed: c.passed(),
                         no_socket: c.passed_no_socket,
                     },
                 ))
+            })
+            .collect();
+        let interfaces = self
+            .ifaces
+            .iter()
+            .map(|m| InterfaceReport {
+                name: m.name.clone(),
+                ifindex: m.ifindex,
+                queues: m.queues.iter().map(|q| (q.0, q.1)).collect(),
             })
             .collect();
         let t = self.live.load();
@@ -442,20 +849,33 @@ impl Dataplane {
             passes,
             workers,
             xdp,
+            interfaces,
+            umem_share_refused: self.share_refused,
+            interfaces_added: self.added,
+            interfaces_removed: self.removed,
         }
     }
 
     /// Detaches XDP, stops the workers and closes everything. Idempotent.
     pub fn shutdown(&mut self) {
-        for a in self.attachments.drain(..) {
-            let name = a.ifname().to_string();
-            if let Err(e) = a.detach() {
-                tracing::warn!(iface = %name, error = %e, "detaching XDP");
-            } else {
-                tracing::info!(iface = %name, "XDP program detached");
+        for m in self.ifaces.iter_mut() {
+            if let Some(a) = m.attachment.take() {
+                let name = a.ifname().to_string();
+                if let Err(e) = a.detach() {
+                    tracing::warn!(iface = %name, error = %e, "detaching XDP");
+                } else {
+                    tracing::info!(iface = %name, "XDP program detached");
+                }
             }
+            m.prog = None;
         }
-        self.progs.clear();
+        // Ops servers ask the workers: stop them while the workers still answer.
+        if let Some(mut m) = self.metrics.take() {
+            m.shutdown();
+        }
+        if let Some(mut i) = self.inspect.take() {
+            i.shutdown();
+        }
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -479,10 +899,11 @@ fn refresh_routes(applier: &Mutex<Applier>, managed: &[u32]) -> Result<(), Strin
     Ok(())
 }
 
-/// Runs the main loop until `stop` is set: re-reads next hops when the kernel's tables change
-/// and writes the stats file every `stats_every`.
+/// Runs the main loop until `stop` is set: when the kernel's links, addresses, neighbours or
+/// routes change, takes over interfaces that appeared, lets go of those that vanished and
+/// re-reads next hops; writes the stats file every `stats_every`.
 pub fn run_until(
-    dp: &Dataplane,
+    dp: &mut Dataplane,
     stop: &AtomicBool,
     stats_file: Option<&std::path::Path>,
     stats_every: Duration,
@@ -495,16 +916,23 @@ pub fn run_until(
         .map_err(|e| e.to_string())?;
     let mut events = mio::Events::with_capacity(16);
     let mut last_stats = Instant::now() - stats_every;
+    // Interfaces that appeared between start-up and the watcher's subscription.
+    let mut dirty = true;
     while !stop.load(Ordering::Relaxed) {
         let _ = poll.poll(&mut events, Some(Duration::from_millis(100)));
         if !events.is_empty() {
-            match watcher.drain() {
-                Ok(true) | Err(_) => {
-                    if let Err(e) = dp.refresh_routes() {
-                        tracing::warn!(error = %e, "refreshing next hops");
+            dirty |= !matches!(watcher.drain(), Ok(false));
+        }
+        if dirty {
+            dirty = false;
+            match crate::netlink::dump() {
+                Ok(view) => {
+                    let (added, removed) = dp.reconcile(&view);
+                    if added + removed == 0 {
+                        dp.applier.lock().update_local(|b| b.routes(view.routes(&dp.managed())));
                     }
                 }
-                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "reading the kernel's tables"),
             }
         }
         if let Some(path) = stats_file {

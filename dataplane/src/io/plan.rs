@@ -209,59 +209,68 @@ impl ChannelSource for SysfsOnly {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Ethtool;
 
+/// `struct ethtool_channels`.
+#[repr(C)]
+#[derive(Default)]
+struct RawChannels {
+    cmd: u32,
+    max_rx: u32,
+    max_tx: u32,
+    max_other: u32,
+    max_combined: u32,
+    rx: u32,
+    tx: u32,
+    other: u32,
+    combined: u32,
+}
+
+/// One `SIOCETHTOOL` channels request (`cmd` in `raw`) on `iface`, in the calling thread's
+/// network namespace.
+fn channels_ioctl(iface: &str, raw: &mut RawChannels) -> std::io::Result<()> {
+    const SIOCETHTOOL: u64 = 0x8946;
+    /// `struct ifreq` with the `ifr_data` member of its union (40 bytes on 64-bit).
+    #[repr(C)]
+    struct IfReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        data: *mut libc::c_void,
+        _pad: [u8; 16],
+    }
+    let bytes = iface.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut req =
+        IfReq { name: [0; libc::IFNAMSIZ], data: (raw as *mut RawChannels).cast(), _pad: [0; 16] };
+    for (d, s) in req.name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket(2) call; the result is checked and owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns; OwnedFd closes it once.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: `req` is a valid ifreq whose NUL-terminated name fits IFNAMSIZ and whose data
+    // pointer points to `raw`, a live `struct ethtool_channels`; both outlive the call.
+    let rc = unsafe {
+        libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&fd), SIOCETHTOOL as _, &mut req as *mut IfReq)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+const ETHTOOL_GCHANNELS: u32 = 0x3c;
+const ETHTOOL_SCHANNELS: u32 = 0x3d;
+
 impl ChannelSource for Ethtool {
     fn channels(&self, iface: &str) -> Option<EthtoolChannels> {
-        const SIOCETHTOOL: u64 = 0x8946;
-        const ETHTOOL_GCHANNELS: u32 = 0x3c;
-        /// `struct ethtool_channels`.
-        #[repr(C)]
-        #[derive(Default)]
-        struct Raw {
-            cmd: u32,
-            max_rx: u32,
-            max_tx: u32,
-            max_other: u32,
-            max_combined: u32,
-            rx: u32,
-            tx: u32,
-            other: u32,
-            combined: u32,
-        }
-        /// `struct ifreq` with the `ifr_data` member of its union (40 bytes on 64-bit).
-        #[repr(C)]
-        struct IfReq {
-            name: [libc::c_char; libc::IFNAMSIZ],
-            data: *mut libc::c_void,
-            _pad: [u8; 16],
-        }
-        let bytes = iface.as_bytes();
-        if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
-            return None;
-        }
-        let mut raw = Raw { cmd: ETHTOOL_GCHANNELS, ..Raw::default() };
-        let mut req =
-            IfReq { name: [0; libc::IFNAMSIZ], data: (&mut raw as *mut Raw).cast(), _pad: [0; 16] };
-        for (d, s) in req.name.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
-        }
-        // SAFETY: plain socket(2) call; the result is checked and owned below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns; OwnedFd closes it once.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        // SAFETY: `req` is a valid ifreq whose NUL-terminated name fits IFNAMSIZ and whose data
-        // pointer points to `raw`, a live `struct ethtool_channels` the kernel fills; both
-        // outlive the call.
-        let rc = unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                SIOCETHTOOL as _,
-                &mut req as *mut IfReq,
-            )
-        };
-        (rc == 0).then_some(EthtoolChannels {
+        let mut raw = RawChannels { cmd: ETHTOOL_GCHANNELS, ..RawChannels::default() };
+        channels_ioctl(iface, &mut raw).ok()?;
+        Some(EthtoolChannels {
             max_rx: raw.max_rx,
             max_tx: raw.max_tx,
             max_other: raw.max_other,
@@ -272,6 +281,83 @@ impl ChannelSource for Ethtool {
             combined: raw.combined,
         })
     }
+}
+
+/// What [`set_channels`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelChange {
+    /// The interface already had that many.
+    Unchanged,
+    /// Changed from `before` queue pairs.
+    Set {
+        /// The count before.
+        before: u32,
+    },
+}
+
+/// What a channel request should be for a device: `Ok(None)` when it already has `want`
+/// queue pairs, `Ok(Some(new))` for the `ETHTOOL_SCHANNELS` settings, or why the driver
+/// cannot. Drivers with combined channels (most NICs, ENA, virtio) get `combined = want`;
+/// those with separate rx and tx counts only (veth) get both set to `want`.
+pub fn channel_request(
+    have: &EthtoolChannels,
+    want: u32,
+) -> Result<Option<EthtoolChannels>, String> {
+    if want == 0 {
+        return Err("0 channels asked for".into());
+    }
+    if have.max_combined > 0 {
+        if want > have.max_combined {
+            return Err(format!(
+                "the driver allows at most {} combined channels",
+                have.max_combined
+            ));
+        }
+        if have.combined == want {
+            return Ok(None);
+        }
+        return Ok(Some(EthtoolChannels { combined: want, ..*have }));
+    }
+    if have.max_rx > 0 && have.max_tx > 0 {
+        let most = have.max_rx.min(have.max_tx);
+        if want > most {
+            return Err(format!(
+                "the driver allows at most {} rx and {} tx channels",
+                have.max_rx, have.max_tx
+            ));
+        }
+        if have.rx == want && have.tx == want {
+            return Ok(None);
+        }
+        return Ok(Some(EthtoolChannels { rx: want, tx: want, ..*have }));
+    }
+    Err("the driver reports no adjustable channels".into())
+}
+
+/// Sets `iface` to `want` queue pairs (`ethtool -L`) where its driver allows it, in the
+/// calling thread's network namespace; needs CAP_NET_ADMIN. An error says why not (no such
+/// device, the driver cannot change channels, more than its maximum).
+pub fn set_channels(iface: &str, want: u32) -> Result<ChannelChange, String> {
+    let have = Ethtool.channels(iface).ok_or_else(|| {
+        format!("{iface}: the driver does not report channels (ETHTOOL_GCHANNELS)")
+    })?;
+    let Some(new) = channel_request(&have, want)? else {
+        return Ok(ChannelChange::Unchanged);
+    };
+    let mut raw = RawChannels {
+        cmd: ETHTOOL_SCHANNELS,
+        max_rx: new.max_rx,
+        max_tx: new.max_tx,
+        max_other: new.max_other,
+        max_combined: new.max_combined,
+        rx: new.rx,
+        tx: new.tx,
+        other: new.other,
+        combined: new.combined,
+    };
+    channels_ioctl(iface, &mut raw).map_err(|e| format!("{iface}: ETHTOOL_SCHANNELS: {e}"))?;
+    let before = if have.max_combined > 0 { have.combined } else { have.rx.min(have.tx) };
+    Ok(ChannelChange::Set { before })
 }
 
 /// What discovery found about one interface.
@@ -1436,5 +1522,19 @@ note: veth0: no queue IRQs found (virtual device): nothing to pin
                 prop_assert_eq!(on_local, best, "{}", p);
             }
         }
+    }
+
+    #[test]
+    fn channel_requests_follow_the_drivers_kind_and_maximum() {
+        let nic = EthtoolChannels { max_combined: 8, combined: 4, ..Default::default() };
+        assert_eq!(channel_request(&nic, 4), Ok(None));
+        assert_eq!(channel_request(&nic, 2).unwrap().unwrap().combined, 2);
+        assert!(channel_request(&nic, 9).unwrap_err().contains("at most 8"));
+        let veth = EthtoolChannels { max_rx: 4, max_tx: 4, rx: 4, tx: 4, ..Default::default() };
+        let r = channel_request(&veth, 2).unwrap().unwrap();
+        assert_eq!((r.rx, r.tx, r.combined), (2, 2, 0));
+        assert!(channel_request(&veth, 5).unwrap_err().contains("at most 4 rx"));
+        assert!(channel_request(&EthtoolChannels::default(), 1).is_err());
+        assert!(channel_request(&nic, 0).is_err());
     }
 }

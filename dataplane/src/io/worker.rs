@@ -1,11 +1,18 @@
 //! A worker: one thread pinned to one core, busy-polling the AF_XDP sockets it owns.
 //!
-//! The loop, per round: load the tables once; for each socket reap completions, refill the
-//! fill ring, receive a batch of up to [`BATCH`] frames, run [`process_batch`] on them in place
-//! in UMEM, and act on the verdicts (transmit on the same socket without copying, copy into
-//! another socket's UMEM, hand to another worker's inbox, punt to the kernel, or recycle);
-//! then flush every socket's tx ring (kicking the kernel only when it asks, `need_wakeup`),
-//! drain the inboxes of the interfaces it owns, and sweep a little conntrack.
+//! The loop, per round: take any port added or removed since the last round from the
+//! worker's command channel; load the tables once; for each socket reap completions, refill
+//! the fill ring, receive a batch of up to [`BATCH`] frames, run [`process_batch`] on them in
+//! place in UMEM, and act on the verdicts (transmit by passing the descriptor when the egress
+//! socket shares the ingress socket's UMEM, copy into the egress socket's pool when it does
+//! not, hand to another worker, punt to the kernel, or recycle); then flush every socket's tx
+//! ring (kicking the kernel only when it asks, `need_wakeup`), drain this worker's inbox of
+//! frames to transmit, and sweep a little conntrack.
+//!
+//! Ports come and go at runtime (an interface created or deleted): the dataplane opens a new
+//! interface's sockets on its own thread (sharing the worker's UMEM) and sends them here; a
+//! removed interface's sockets are closed here, between rounds, and every frame they held
+//! goes back to the pool. Other ports keep running throughout.
 //!
 //! Nothing is allocated in the loop: descriptor arrays are fixed-size, the hand-off buffers
 //! come from a pool filled at start. When nothing arrives for a while the worker waits in
@@ -17,13 +24,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use crossbeam::channel::Receiver;
 use crossbeam::queue::ArrayQueue;
 use parking_lot::Mutex;
+use serde::Serialize;
 use xsk_rs::FrameDesc;
 
 use super::config::Mode;
+use super::inspect::{self, WorkerOps};
 use super::punt::Punt;
-use super::xsk::Port;
+use super::xsk::{Pool, Port};
+use crate::capture;
 use crate::counters::{Counters, PassReason};
 use crate::pipeline::{process_batch, Frame, Verdict, WorkerState};
 use crate::tables::Tables;
@@ -41,30 +52,57 @@ pub struct Handed {
     data: Box<[u8; 2048]>,
 }
 
+impl Handed {
+    /// The frame as the pipeline sees it (its buffer is the whole hand-off buffer).
+    pub fn frame(&mut self) -> Frame<'_> {
+        Frame { buf: &mut self.data[..], len: self.len, ifindex: self.ifindex }
+    }
+}
+
 /// Cross-worker queues and the pool of hand-off buffers.
 ///
-/// Two kinds of hand-off: a frame to *transmit* goes to the inbox of its egress interface
-/// (drained by a worker owning a socket there); a frame to *process* goes to the inbox of the
-/// worker that owns its flow ([`crate::pipeline::owner_of`]), which runs the pipeline on it.
+/// Two kinds of hand-off: a frame to *transmit* goes to the transmit inbox of the worker
+/// owning a socket on its egress interface (the `egress` map, republished when interfaces come
+/// and go); a frame to *process* goes to the inbox of the worker that owns its flow
+/// ([`crate::pipeline::owner_of`]), which runs the pipeline on it.
 pub struct Handoff {
-    inboxes: HashMap<u32, ArrayQueue<Handed>>,
+    transmit: Vec<ArrayQueue<Handed>>,
     process: Vec<ArrayQueue<Handed>>,
     pool: ArrayQueue<Box<[u8; 2048]>>,
+    /// Egress interface -> the worker that transmits on it.
+    pub egress: ArcSwap<HashMap<u32, usize>>,
 }
 
 impl Handoff {
-    /// Transmit inboxes for `ifindexes` and process inboxes for `workers`, each holding up to
-    /// `depth` frames, and a pool of `buffers`.
-    pub fn new(ifindexes: &[u32], workers: usize, depth: usize, buffers: usize) -> Self {
+    /// Inboxes for `workers`, each holding up to `depth` frames, and a pool of `buffers`.
+    pub fn new(workers: usize, depth: usize, buffers: usize) -> Self {
         let pool = ArrayQueue::new(buffers.max(1));
         for _ in 0..buffers {
             let _ = pool.push(Box::new([0u8; 2048]));
         }
+        let queues = || (0..workers).map(|_| ArrayQueue::new(depth.max(1))).collect();
         Self {
-            inboxes: ifindexes.iter().map(|&i| (i, ArrayQueue::new(depth.max(1)))).collect(),
-            process: (0..workers).map(|_| ArrayQueue::new(depth.max(1))).collect(),
+            transmit: queues(),
+            process: queues(),
             pool,
+            egress: ArcSwap::from_pointee(HashMap::new()),
         }
+    }
+
+    /// Hands a frame received on `ifindex` to `worker` to process (copied into a pooled
+    /// buffer); false when the pool or that worker's inbox is full, or there is no such worker.
+    pub fn hand_to(&self, worker: usize, data: &[u8], ifindex: u32) -> bool {
+        self.process.get(worker).is_some_and(|q| self.push(q, data, ifindex))
+    }
+
+    /// The next frame handed to `worker` to process.
+    pub fn take_for(&self, worker: usize) -> Option<Handed> {
+        self.process.get(worker)?.pop()
+    }
+
+    /// Returns a hand-off buffer to the pool.
+    pub fn give_back(&self, h: Handed) {
+        let _ = self.pool.push(h.data);
     }
 
     /// Copies `data` into a pooled buffer and queues it; false when the pool or queue is full.
@@ -82,11 +120,83 @@ impl Handoff {
     }
 }
 
+/// What the dataplane tells a worker between rounds.
+pub enum Command {
+    /// Poll this socket from now on.
+    Add {
+        /// The socket.
+        port: Box<Port>,
+        /// Its own pool, when it does not share the worker's UMEM.
+        pool: Option<Box<Pool>>,
+        /// Told once the socket's fill ring is stocked (so its XDP program may be attached).
+        adopted: Option<crossbeam::channel::Sender<()>>,
+    },
+    /// Close every socket on this interface (it is gone) and take its frames back.
+    Remove {
+        /// The interface.
+        ifindex: u32,
+    },
+}
+
+/// One socket's figures, as published.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PortStats {
+    /// Interface.
+    pub iface: String,
+    /// Interface index.
+    pub ifindex: u32,
+    /// Queue.
+    pub queue: u32,
+    /// Whether it shares the worker's UMEM (false: its own, frames to it are copied).
+    pub shared_umem: bool,
+    /// Frames received.
+    pub rx: u64,
+    /// Frames handed to the tx ring.
+    pub tx: u64,
+    /// Frames dropped on a full tx ring.
+    pub tx_ring_full: u64,
+    /// Copies that found no free frame.
+    pub no_free_frame: u64,
+    /// Frames in its kernel rings.
+    pub in_kernel: usize,
+    /// The kernel's counters for the socket (`XDP_STATISTICS`): frames dropped for want of
+    /// a fill frame, for a full rx ring, or otherwise.
+    pub rx_fill_ring_empty: u64,
+    /// Frames the kernel could not put in the full rx ring.
+    pub rx_ring_full: u64,
+    /// Frames the kernel dropped for other reasons (too big, ...).
+    pub rx_dropped: u64,
+}
+
+/// One UMEM pool's accounting, as published.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PoolStats {
+    /// Frames in the pool.
+    pub frames: usize,
+    /// Sockets drawing from it.
+    pub sockets: usize,
+    /// Frames free (counted from the owner table).
+    pub free: usize,
+    /// Frames in the worker's hands (0 between rounds).
+    pub held: usize,
+    /// Frames in the sockets' kernel rings.
+    pub in_kernel: usize,
+    /// Whether the owner table, the free stack and the sockets' counts agree, and every
+    /// frame is in exactly one place.
+    pub consistent: bool,
+    /// Transitions that found a frame in the wrong place (a leak or double use avoided).
+    pub anomalies: u64,
+}
+
 /// Counters a worker publishes for others to read.
 #[derive(Default)]
 pub struct WorkerStats {
     /// Pipeline counters (copied from the worker every ~100 ms and at exit).
     pub counters: Mutex<Counters>,
+    /// Per socket.
+    pub ports: Mutex<Vec<PortStats>>,
+    /// Per UMEM pool.
+    pub pools: Mutex<Vec<PoolStats>>,
     /// Live conntrack flows.
     pub flows: AtomicU64,
     /// Conntrack evictions.
@@ -102,6 +212,10 @@ pub struct WorkerStats {
     pub tx_dropped: AtomicU64,
     /// Frames transmitted.
     pub transmitted: AtomicU64,
+    /// Frames moved to another interface by passing the descriptor (shared UMEM).
+    pub zero_copy: AtomicU64,
+    /// Frames copied into another socket's UMEM.
+    pub copied: AtomicU64,
     /// Rounds that received nothing.
     pub idle_rounds: AtomicU64,
 }
@@ -115,6 +229,8 @@ pub struct IoCounters {
     tx_dropped: u64,
     punted: u64,
     punt_failed: u64,
+    zero_copy: u64,
+    copied: u64,
     idle_rounds: u64,
 }
 
@@ -124,8 +240,12 @@ pub struct Worker {
     pub id: usize,
     /// Core to pin to, if any.
     pub core: Option<usize>,
-    /// Sockets owned.
+    /// Sockets owned (they arrive as [`Command::Add`], at start-up too).
     pub ports: Vec<Port>,
+    /// UMEM pools: the worker's shared one first (when sharing), then sockets' own ones.
+    pub pools: Vec<Option<Pool>>,
+    /// Ports added and removed at runtime.
+    pub commands: Receiver<Command>,
     /// Pipeline state.
     pub state: WorkerState,
     /// Live tables.
@@ -146,13 +266,99 @@ pub struct Worker {
     pub idle_polls_before_sleep: u32,
     /// I/O counters (published with the rest).
     pub local: IoCounters,
+    /// Inspect requests and packet capture (`None`: not inspected, as in tests).
+    pub ops: Option<WorkerOps>,
 }
 
 fn monotonic_ns(start: Instant) -> u64 {
     start.elapsed().as_nanos() as u64
 }
 
+/// What a worker derives from its port list (rebuilt when ports come or go).
+struct Layout {
+    /// Egress: the first local socket of each interface.
+    local: HashMap<u32, usize>,
+    pollfds: Vec<libc::pollfd>,
+}
+
 impl Worker {
+    fn layout(&mut self) -> Layout {
+        let mut local: HashMap<u32, usize> = HashMap::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            local.entry(p.ifindex).or_insert(i);
+        }
+        // Each pool's frames, less its reserve, are split between the sockets drawing on it.
+        for (pi, pool) in self.pools.iter().enumerate() {
+            let Some(pool) = pool else { continue };
+            let n = self.ports.iter().filter(|p| p.pool == pi).count().max(1);
+            let share = (pool.frames() - pool.reserve) / n;
+            for p in self.ports.iter_mut().filter(|p| p.pool == pi) {
+                p.fill_target = share.max(BATCH);
+            }
+        }
+        let pollfds = self
+            .ports
+            .iter()
+            .map(|p| libc::pollfd { fd: p.fd(), events: libc::POLLIN, revents: 0 })
+            .collect();
+        Layout { local, pollfds }
+    }
+
+    /// Carries out a command; returns whom to tell once the new port's fill ring is stocked.
+    fn command(&mut self, cmd: Command) -> Option<crossbeam::channel::Sender<()>> {
+        match cmd {
+            Command::Add { port, pool, adopted } => {
+                self.add_port(*port, pool.map(|p| *p));
+                adopted
+            }
+            Command::Remove { ifindex } => {
+                self.remove_ports(ifindex);
+                None
+            }
+        }
+    }
+
+    /// Adopts a new port (and its own pool, if it has one).
+    fn add_port(&mut self, mut port: Port, pool: Option<Pool>) {
+        let index = match pool {
+            Some(pool) => {
+                self.pools.push(Some(pool));
+                self.pools.len() - 1
+            }
+            None => 0,
+        };
+        let Some(Some(pool)) = self.pools.get_mut(index) else {
+            tracing::error!(worker = self.id, iface = %port.name, "a shared port but no shared pool");
+            return;
+        };
+        port.adopt(pool, index);
+        tracing::info!(worker = self.id, iface = %port.name, queue = port.queue, shared = port.shared, "socket added");
+        self.ports.push(port);
+    }
+
+    /// Closes every port on `ifindex` and returns its frames to their pools.
+    fn remove_ports(&mut self, ifindex: u32) {
+        let mut k = 0;
+        while k < self.ports.len() {
+            if self.ports[k].ifindex != ifindex {
+                k += 1;
+                continue;
+            }
+            let port = self.ports.swap_remove(k);
+            let (name, queue, pi, shared) = (port.name.clone(), port.queue, port.pool, port.shared);
+            if let Some(Some(pool)) = self.pools.get_mut(pi) {
+                let back = port.close(pool);
+                tracing::info!(worker = self.id, iface = %name, queue, frames_back = back, "socket closed");
+            }
+            if !shared {
+                // Its own pool has no other user.
+                if let Some(slot) = self.pools.get_mut(pi) {
+                    *slot = None;
+                }
+            }
+        }
+    }
+
     /// Runs until `stop` is set.
     pub fn run(mut self) {
         if let Some(c) = self.core {
@@ -160,50 +366,68 @@ impl Worker {
                 tracing::warn!(worker = self.id, core = c, "could not pin worker to its core");
             }
         }
+        // Ports, those of start-up included, arrive over the command channel.
+        while let Ok(cmd) = self.commands.try_recv() {
+            self.command(cmd);
+        }
         tracing::info!(
             worker = self.id,
             core = ?self.core,
             sockets = ?self.ports.iter().map(|p| format!("{}:{}", p.name, p.queue)).collect::<Vec<_>>(),
             "worker started"
         );
-        // Egress: the first local socket of each interface.
-        let mut local: HashMap<u32, usize> = HashMap::new();
-        for (i, p) in self.ports.iter().enumerate() {
-            local.entry(p.ifindex).or_insert(i);
-        }
+        let mut layout = self.layout();
         let start = Instant::now();
         let mut rx = [FrameDesc::default(); BATCH];
         let mut verdicts = [Verdict::Pass(PassReason::NotOurs); BATCH];
         let mut lens = [0usize; BATCH];
         let mut idle: u32 = 0;
         let mut last_publish = 0u64;
-        let mut pollfds: Vec<libc::pollfd> = self
-            .ports
-            .iter()
-            .map(|p| libc::pollfd { fd: p.fd(), events: libc::POLLIN, revents: 0 })
-            .collect();
         while !self.stop.load(Ordering::Relaxed) {
+            let mut changed = false;
+            let mut acks: [Option<crossbeam::channel::Sender<()>>; 4] = Default::default();
+            let mut k = 0;
+            while k < acks.len() {
+                let Ok(cmd) = self.commands.try_recv() else { break };
+                acks[k] = self.command(cmd);
+                k += 1;
+                changed = true;
+            }
+            if changed {
+                layout = self.layout();
+                for k in 0..self.ports.len() {
+                    if let Some(Some(pool)) = self.pools.get_mut(self.ports[k].pool) {
+                        self.ports[k].refill(pool);
+                    }
+                }
+                for a in acks.iter_mut().filter_map(Option::take) {
+                    let _ = a.send(());
+                }
+            }
             let tables = self.live.load();
+            let egress = self.handoff.egress.load_full();
             let now = monotonic_ns(start);
             let mut got = 0;
             for pi in 0..self.ports.len() {
-                self.ports[pi].reap();
-                self.ports[pi].refill();
-                let n = self.ports[pi].recv(&mut rx);
+                let Some(Some(pool)) = self.pools.get_mut(self.ports[pi].pool) else { continue };
+                let port = &mut self.ports[pi];
+                port.reap(pool);
+                port.refill(pool);
+                let n = port.recv(pool, &mut rx);
                 if n == 0 {
                     continue;
                 }
                 got += n;
-                let ingress = self.ports[pi].ifindex;
+                let ingress = port.ifindex;
                 match self.mode {
                     Mode::Nat => {
-                        let port = &self.ports[pi];
+                        let pool = &*pool;
                         let mut frames: [Frame<'_>; BATCH] = std::array::from_fn(|k| {
                             if k < n {
                                 Frame {
                                     // SAFETY: the descriptor was just received, so userspace
                                     // owns the frame; each k names a different frame.
-                                    buf: unsafe { port.room(&rx[k]) },
+                                    buf: unsafe { pool.room(&rx[k]) },
                                     len: Port::len_of(&rx[k]),
                                     ifindex: ingress,
                                 }
@@ -211,6 +435,11 @@ impl Worker {
                                 Frame { buf: &mut [], len: 0, ifindex: 0 }
                             }
                         });
+                        // Ops hook: capture before and after the pipeline (crate::capture).
+                        let cap = self.ops.as_ref().map(|o| &*o.capture).filter(|c| c.active());
+                        if let Some(c) = cap {
+                            capture::offer_batch(c, &frames[..n], None, self.id as u16);
+                        }
                         process_batch(
                             &mut frames[..n],
                             &mut verdicts[..n],
@@ -218,6 +447,10 @@ impl Worker {
                             &mut self.state,
                             now,
                         );
+                        if let Some(c) = cap {
+                            let v = Some(&verdicts[..n]);
+                            capture::offer_batch(c, &frames[..n], v, self.id as u16);
+                        }
                         for (l, f) in lens.iter_mut().zip(frames.iter()).take(n) {
                             *l = f.len;
                         }
@@ -231,15 +464,23 @@ impl Worker {
                     }
                 }
                 for k in 0..n {
-                    self.dispatch(pi, rx[k], verdicts[k], lens[k], &local);
+                    self.dispatch(pi, rx[k], verdicts[k], lens[k], &layout.local, &egress);
                 }
             }
-            self.process_handed(now, &tables, &local);
-            for p in self.ports.iter_mut() {
-                p.flush_tx();
-            }
-            self.drain_inboxes(&local);
+            self.process_handed(now, &tables, &layout.local, &egress);
+            self.flush_all();
+            self.drain_inbox(&layout.local);
             self.state.ct.gc(now, GC_BUDGET);
+            // Ops hook: answer inspect requests (conntrack, counters, flow query) between
+            // rounds, never in the middle of a batch (io::inspect).
+            if let Some(ops) = &self.ops {
+                while let Ok(r) = ops.requests.try_recv() {
+                    let ports = &self.ports;
+                    inspect::serve_worker(r, &mut self.state, &tables, now, || {
+                        inspect::queue_info(ports)
+                    });
+                }
+            }
             if now - last_publish > 100_000_000 {
                 last_publish = now;
                 self.publish();
@@ -248,8 +489,10 @@ impl Worker {
                 idle = idle.saturating_add(1);
                 self.local.idle_rounds += 1;
                 if self.idle_polls_before_sleep > 0 && idle > self.idle_polls_before_sleep {
-                    // SAFETY: `pollfds` is a valid array of pollfd of the given length.
-                    unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, 1) };
+                    let fds = &mut layout.pollfds;
+                    // SAFETY: `fds` is a valid array of pollfd of the given length (poll with
+                    // none just sleeps).
+                    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
                 } else {
                     std::hint::spin_loop();
                 }
@@ -261,8 +504,55 @@ impl Worker {
         tracing::info!(worker = self.id, "worker stopped");
     }
 
+    fn flush_all(&mut self) {
+        for p in self.ports.iter_mut() {
+            if let Some(Some(pool)) = self.pools.get_mut(p.pool) {
+                p.flush_tx(pool);
+            }
+        }
+    }
+
     fn publish(&self) {
         *self.stats.counters.lock() = self.state.counters.clone();
+        *self.stats.ports.lock() = self
+            .ports
+            .iter()
+            .map(|p| (p, p.xdp_stats()))
+            .map(|(p, x)| PortStats {
+                iface: p.name.clone(),
+                ifindex: p.ifindex,
+                queue: p.queue,
+                shared_umem: p.shared,
+                rx: p.rx_frames,
+                tx: p.tx_frames,
+                tx_ring_full: p.tx_ring_full,
+                no_free_frame: p.no_free_frame,
+                in_kernel: p.in_kernel(),
+                rx_fill_ring_empty: x.as_ref().map_or(0, |x| x.rx_fill_ring_empty_descs()),
+                rx_ring_full: x.as_ref().map_or(0, |x| x.rx_ring_full()),
+                rx_dropped: x.as_ref().map_or(0, |x| x.rx_dropped()),
+            })
+            .collect();
+        *self.stats.pools.lock() = self
+            .pools
+            .iter()
+            .enumerate()
+            .filter_map(|(i, pool)| {
+                let pool = pool.as_ref()?;
+                let users = self.ports.iter().filter(|p| p.pool == i);
+                let in_kernel = users.clone().map(|p| p.in_kernel()).sum();
+                let (free, held, counted, consistent) = pool.audit(in_kernel);
+                Some(PoolStats {
+                    frames: pool.frames(),
+                    sockets: users.count(),
+                    free,
+                    held,
+                    in_kernel: counted,
+                    consistent,
+                    anomalies: pool.anomalies,
+                })
+            })
+            .collect();
         self.stats.flows.store(self.state.ct.len() as u64, Ordering::Relaxed);
         self.stats.evictions.store(self.state.ct.stats().evicted, Ordering::Relaxed);
         let l = self.local;
@@ -271,6 +561,8 @@ impl Worker {
         self.stats.tx_dropped.store(l.tx_dropped, Ordering::Relaxed);
         self.stats.punted.store(l.punted, Ordering::Relaxed);
         self.stats.punt_failed.store(l.punt_failed, Ordering::Relaxed);
+        self.stats.zero_copy.store(l.zero_copy, Ordering::Relaxed);
+        self.stats.copied.store(l.copied, Ordering::Relaxed);
         self.stats.idle_rounds.store(l.idle_rounds, Ordering::Relaxed);
     }
 
@@ -282,20 +574,40 @@ impl Worker {
         verdict: Verdict,
         len: usize,
         local: &HashMap<u32, usize>,
+        egress: &HashMap<u32, usize>,
     ) {
+        let from = self.ports[pi].pool;
+        let Some(Some(pool)) = self.pools.get_mut(from) else { return };
         match verdict {
             Verdict::Tx { ifindex } if ifindex == self.ports[pi].ifindex => {
                 self.local.transmitted += 1;
-                self.ports[pi].queue_tx(desc, len);
+                self.ports[pi].queue_tx(pool, desc, len);
+            }
+            // Another interface whose socket shares this UMEM: pass the descriptor.
+            Verdict::Tx { ifindex }
+                if local.get(&ifindex).is_some_and(|&qi| self.ports[qi].pool == from) =>
+            {
+                let qi = local[&ifindex];
+                self.local.transmitted += 1;
+                self.local.zero_copy += 1;
+                self.ports[qi].queue_tx(pool, desc, len);
             }
             verdict => {
                 // SAFETY: the frame is still owned by userspace (received, not yet recycled).
-                let data = unsafe { self.ports[pi].room(&desc) };
+                let data = unsafe { pool.room(&desc) };
                 let ingress = self.ports[pi].ifindex;
-                self.dispatch_bytes(&data[..len.min(data.len())], ingress, verdict, local);
-                self.ports[pi].recycle(desc);
+                self.dispatch_bytes(&data[..len.min(data.len())], ingress, verdict, local, egress);
+                if let Some(Some(pool)) = self.pools.get_mut(from) {
+                    pool.recycle(desc);
+                }
             }
         }
+    }
+
+    /// Copies `data` into the local socket `qi`'s pool and queues it.
+    fn copy_out(&mut self, qi: usize, data: &[u8]) -> bool {
+        let Some(Some(pool)) = self.pools.get_mut(self.ports[qi].pool) else { return false };
+        self.ports[qi].queue_copy(pool, data)
     }
 
     /// Acts on a verdict for a frame that is not (or no longer) in a socket's own UMEM slot.
@@ -306,12 +618,17 @@ impl Worker {
         ingress: u32,
         verdict: Verdict,
         local: &HashMap<u32, usize>,
+        egress: &HashMap<u32, usize>,
     ) {
         match verdict {
             Verdict::Tx { ifindex } => {
                 let ok = if let Some(&qi) = local.get(&ifindex) {
-                    self.ports[qi].queue_copy(data)
-                } else if let Some(inbox) = self.handoff.inboxes.get(&ifindex) {
+                    let ok = self.copy_out(qi, data);
+                    self.local.copied += u64::from(ok);
+                    ok
+                } else if let Some(inbox) =
+                    egress.get(&ifindex).and_then(|&w| self.handoff.transmit.get(w))
+                {
                     let ok = self.handoff.push(inbox, data, ifindex);
                     if ok {
                         self.local.handed_off += 1;
@@ -334,11 +651,7 @@ impl Worker {
                 }
             }
             Verdict::Handoff { worker } => {
-                let ok = self
-                    .handoff
-                    .process
-                    .get(usize::from(worker))
-                    .is_some_and(|q| self.handoff.push(q, data, ingress));
+                let ok = self.handoff.hand_to(usize::from(worker), data, ingress);
                 if ok {
                     self.local.handed_off += 1;
                 } else {
@@ -350,12 +663,17 @@ impl Worker {
     }
 
     /// Runs the pipeline on frames other workers handed to this one (their flows are ours).
-    fn process_handed(&mut self, now: u64, tables: &Tables, local: &HashMap<u32, usize>) {
-        let Some(q) = self.handoff.process.get(self.id) else { return };
+    fn process_handed(
+        &mut self,
+        now: u64,
+        tables: &Tables,
+        local: &HashMap<u32, usize>,
+        egress: &HashMap<u32, usize>,
+    ) {
         let mut held: [Option<Handed>; BATCH] = [const { None }; BATCH];
         let mut n = 0;
         while n < BATCH {
-            match q.pop() {
+            match self.handoff.take_for(self.id) {
                 Some(h) => {
                     held[n] = Some(h);
                     n += 1;
@@ -372,12 +690,16 @@ impl Worker {
         {
             let mut it = held.iter_mut();
             let mut frames: [Frame<'_>; BATCH] = std::array::from_fn(|_| match it.next() {
-                Some(Some(h)) => Frame { buf: &mut h.data[..], len: h.len, ifindex: h.ifindex },
+                Some(Some(h)) => h.frame(),
                 _ => Frame { buf: &mut [], len: 0, ifindex: 0 },
             });
             self.state.local_only = true;
             process_batch(&mut frames[..n], &mut verdicts[..n], tables, &mut self.state, now);
             self.state.local_only = false;
+            // Ops hook: handed frames were captured as received by the worker that got them.
+            if let Some(c) = self.ops.as_ref().map(|o| &*o.capture).filter(|c| c.active()) {
+                capture::offer_batch(c, &frames[..n], Some(&verdicts[..n]), self.id as u16);
+            }
             for k in 0..n {
                 lens[k] = frames[k].len;
                 ifs[k] = frames[k].ifindex;
@@ -386,27 +708,38 @@ impl Worker {
         for k in 0..n {
             if let Some(h) = held[k].take() {
                 let len = lens[k].min(h.data.len());
-                self.dispatch_bytes(&h.data[..len], ifs[k], verdicts[k], local);
-                let _ = self.handoff.pool.push(h.data);
+                self.dispatch_bytes(&h.data[..len], ifs[k], verdicts[k], local, egress);
+                self.handoff.give_back(h);
             }
         }
     }
 
-    fn drain_inboxes(&mut self, local: &HashMap<u32, usize>) {
-        for (&ifindex, &qi) in local.iter() {
-            let Some(inbox) = self.handoff.inboxes.get(&ifindex) else { continue };
-            let mut moved = false;
-            for _ in 0..BATCH {
-                let Some(h) = inbox.pop() else { break };
-                if !self.ports[qi].queue_copy(&h.data[..h.len]) {
-                    self.local.tx_dropped += 1;
+    /// Transmits frames other workers queued for interfaces this worker has sockets on.
+    fn drain_inbox(&mut self, local: &HashMap<u32, usize>) {
+        let Some(inbox) = self.handoff.transmit.get(self.id) else { return };
+        let mut moved = false;
+        for _ in 0..BATCH {
+            let Some(h) = inbox.pop() else { break };
+            let ok = match local.get(&h.ifindex) {
+                Some(&qi) => {
+                    let Some(Some(pool)) = self.pools.get_mut(self.ports[qi].pool) else {
+                        let _ = self.handoff.pool.push(h.data);
+                        self.local.tx_dropped += 1;
+                        continue;
+                    };
+                    self.ports[qi].queue_copy(pool, &h.data[..h.len])
                 }
-                let _ = self.handoff.pool.push(h.data);
-                moved = true;
+                // The interface went away while the frame waited.
+                None => false,
+            };
+            if !ok {
+                self.local.tx_dropped += 1;
             }
-            if moved {
-                self.ports[qi].flush_tx();
-            }
+            let _ = self.handoff.pool.push(h.data);
+            moved = true;
+        }
+        if moved {
+            self.flush_all();
         }
     }
 }

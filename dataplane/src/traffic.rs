@@ -1,0 +1,146 @@
+//! Per-backend traffic counters, for `kxdp-inspect services` and the metrics.
+//!
+//! Counted where the packet path already is: each conntrack flow record carries its packets
+//! (as before) and bytes per direction, updated with the record the packet just matched, so
+//! counting adds no memory access and no atomic per packet. When a flow leaves conntrack (end,
+//! expiry, eviction, flush) its counts are added to its worker's [`Traffic`] of retired flows,
+//! indexed by the backend's stable id (one access per flow). A backend's totals are then its
+//! retired counts plus those of its live flows, which the worker sums on request between
+//! batches ([`backend_totals`]), over all workers.
+//!
+//! Counted as `ipvsadm --stats` counts: connections are flows scheduled to the backend;
+//! packets and bytes (IP datagram length) of translated flows, "in" from clients to the
+//! backend, "out" from the backend back. A backend id above the capacity is not counted. The
+//! array is allocated zeroed, so the pages of ids never used are never touched.
+
+use serde::{Deserialize, Serialize};
+
+use crate::conntrack::{Conntrack, Flow};
+use crate::tables::BackendId;
+
+/// One backend's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendTraffic {
+    /// Connections (new flows) scheduled to the backend.
+    pub conns: u64,
+    /// Packets from clients to the backend.
+    pub packets_in: u64,
+    /// Packets from the backend to clients.
+    pub packets_out: u64,
+    /// Bytes (IP datagrams) from clients to the backend.
+    pub bytes_in: u64,
+    /// Bytes (IP datagrams) from the backend to clients.
+    pub bytes_out: u64,
+}
+
+impl BackendTraffic {
+    /// Adds another worker's counters into these.
+    pub fn merge(&mut self, o: &BackendTraffic) {
+        self.conns += o.conns;
+        self.packets_in += o.packets_in;
+        self.packets_out += o.packets_out;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+    }
+}
+
+/// A worker's counters for backend ids `0..capacity`: per id `[conns, packets_in, packets_out,
+/// bytes_in, bytes_out]`, plain `u64` arrays so that the allocation is a zeroed one.
+pub struct Traffic {
+    per: Box<[[u64; 5]]>,
+}
+
+const CONNS: usize = 0;
+const PACKETS_IN: usize = 1;
+const PACKETS_OUT: usize = 2;
+const BYTES_IN: usize = 3;
+const BYTES_OUT: usize = 4;
+
+impl Traffic {
+    /// Counters for backend ids below `capacity`.
+    pub fn new(capacity: usize) -> Self {
+        Self { per: vec![[0u64; 5]; capacity].into_boxed_slice() }
+    }
+
+    /// Adds a removed flow's counts to its backend's.
+    #[inline]
+    pub fn retire(&mut self, backend: BackendId, f: &Flow) {
+        if let Some(c) = self.per.get_mut(backend as usize) {
+            c[CONNS] += 1;
+            c[PACKETS_IN] += f.packets_orig;
+            c[PACKETS_OUT] += f.packets_reply;
+            c[BYTES_IN] += f.bytes_orig;
+            c[BYTES_OUT] += f.bytes_reply;
+        }
+    }
+
+    /// The counters of `backend` (zero when out of range).
+    pub fn get(&self, backend: BackendId) -> BackendTraffic {
+        self.per.get(backend as usize).map_or_else(BackendTraffic::default, |c| BackendTraffic {
+            conns: c[CONNS],
+            packets_in: c[PACKETS_IN],
+            packets_out: c[PACKETS_OUT],
+            bytes_in: c[BYTES_IN],
+            bytes_out: c[BYTES_OUT],
+        })
+    }
+}
+
+/// The totals of backends `ids` on one worker: retired flows plus live ones (a scan of the
+/// worker's conntrack; for inspection, not the packet path).
+pub fn backend_totals(ct: &Conntrack, ids: &[BackendId]) -> Vec<BackendTraffic> {
+    let mut out: Vec<BackendTraffic> = ids.iter().map(|&b| ct.retired().get(b)).collect();
+    let at: std::collections::HashMap<BackendId, usize> =
+        ids.iter().enumerate().map(|(i, &b)| (b, i)).collect();
+    for f in ct.iter() {
+        if f.backend == 0 {
+            continue;
+        }
+        if let Some(&i) = at.get(&f.backend) {
+            out[i].merge(&BackendTraffic {
+                conns: 1,
+                packets_in: f.packets_orig,
+                packets_out: f.packets_reply,
+                bytes_in: f.bytes_orig,
+                bytes_out: f.bytes_reply,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_are_retired_plus_live_flows() {
+        use crate::balance::ConnCounts;
+        use crate::conntrack::{Dir, FlowKey, Timeouts};
+        let mut ct =
+            Conntrack::new(64, Timeouts::default(), std::sync::Arc::new(ConnCounts::new(8)));
+        let key = |sport| FlowKey { src: 1, dst: 2, sport, dport: 53, proto: 17 };
+        let rev = |k: FlowKey| FlowKey { src: 9, dst: k.src, sport: 53, dport: k.sport, proto: 17 };
+        let a = ct.insert(Flow::new(key(1), rev(key(1)), 1, 3, 1), 0, 0);
+        ct.add_bytes(a, Dir::Orig, 40);
+        ct.on_packet(a, Dir::Reply, 0, 1);
+        ct.add_bytes(a, Dir::Reply, 100);
+        let b = ct.insert(Flow::new(key(2), rev(key(2)), 1, 3, 1), 0, 0);
+        ct.add_bytes(b, Dir::Orig, 41);
+        ct.insert(Flow::new(key(3), rev(key(3)), 1, 20, 1), 0, 0);
+        let want = |conns, pin, pout, bin, bout| BackendTraffic {
+            conns,
+            packets_in: pin,
+            packets_out: pout,
+            bytes_in: bin,
+            bytes_out: bout,
+        };
+        assert_eq!(backend_totals(&ct, &[3, 5]), [want(2, 2, 1, 81, 100), want(0, 0, 0, 0, 0)]);
+        // A removed flow's counts stay with its backend.
+        ct.remove(a);
+        assert_eq!(backend_totals(&ct, &[3]), [want(2, 2, 1, 81, 100)]);
+        assert_eq!(ct.retired().get(3), want(1, 1, 1, 40, 100));
+        // Backend 20 is beyond the retired array: live flows count, retired ones cannot.
+        assert_eq!(backend_totals(&ct, &[20])[0].conns, 1);
+    }
+}
