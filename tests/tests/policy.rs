@@ -46,17 +46,12 @@ fn fetch(pod: &Pod, url: &str) -> Result<String, String> {
     pod.ns.exec(&["curl", "-sS", "--max-time", "2", url])
 }
 
-#[test]
-fn network_policy_through_the_af_xdp_dataplane() {
-    if !is_root() {
-        eprintln!("skipped: needs root, network namespaces and BPF");
-        return;
-    }
+/// The namespace topology with HTTP servers on the web and sticky pods and UDP echo on the
+/// echo pods.
+fn setup(tag: &str) -> (Topology, Vec<Server>) {
     let pods: Vec<Ipv4Addr> = DEMO_PODS.iter().map(|a| Ipv4Addr::from(*a)).collect();
-    let topo = Topology::build("pol", &pods).expect("topology");
+    let topo = Topology::build(tag, &pods).expect("topology");
     topo.resolve_neighbours().unwrap();
-    let client = &topo.pods[0];
-    let web13 = &topo.pods[3];
     let mut servers = Vec::new();
     for b in &topo.pods[1..] {
         if b.ip.octets()[3] / 10 == 2 {
@@ -65,15 +60,14 @@ fn network_policy_through_the_af_xdp_dataplane() {
             servers.push(http_server(b, 8080).unwrap());
         }
     }
-    let (cfg, socket) = write_node_config(&topo, &[0]).unwrap();
-    let stats = topo.dir.join("stats.json");
-    let mut dp =
-        start_dataplane(&topo, &cfg, &stats, "dataplane.log").unwrap_or_else(|e| panic!("{e}"));
-    push_snapshot(&socket, 1, demo_ports()).unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
-    // Before any policy: everyone reaches web .12 directly.
-    fetch(client, "http://10.200.1.12:8080/").unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
-    push_policy(&socket, 1, 2, policy()).unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
+    (topo, servers)
+}
 
+/// What [`policy`] (or the equivalent NetworkPolicies) must enforce, checked with real
+/// clients: pod to pod and through ClusterIPs, TCP, UDP and ICMP.
+fn assert_enforced(topo: &Topology, dp: &Proc) {
+    let client = &topo.pods[0];
+    let web13 = &topo.pods[3];
     // Pod to pod, TCP: the client reaches .11 (allowed) and .13 (not isolated), not .12.
     let body = fetch(client, "http://10.200.1.11:8080/").unwrap_or_else(|e| panic!("{e}"));
     assert!(body.contains("10.200.1.11"), "{body}");
@@ -110,21 +104,162 @@ fn network_policy_through_the_af_xdp_dataplane() {
     // ICMP: .11 allows only TCP 8080, so ping is refused; .13 is not isolated.
     assert!(client.ns.exec(&["ping", "-c", "1", "-W", "1", "10.200.1.11"]).is_err());
     client.ns.exec(&["ping", "-c", "1", "-W", "2", "10.200.1.13"]).expect("ping .13");
+}
 
-    // Removing the policy opens .12 again.
-    push_policy(&socket, 2, 3, PolicyUpdate::default()).unwrap();
-    fetch(client, "http://10.200.1.12:8080/").expect("open again");
-
-    // The dataplane counted the refusals by reason.
+/// Waits until the dataplane has counted at least `n` ingress-policy drops.
+fn assert_ingress_drops(stats: &std::path::Path, n: u64, dp: &Proc) {
     let deadline = Instant::now() + Duration::from_secs(5);
     let ingress = loop {
-        let n = read_stats(&stats).and_then(|r| r["drops"]["policy_ingress"].as_u64()).unwrap_or(0);
-        if n >= 4 || Instant::now() > deadline {
-            break n;
+        let got =
+            read_stats(stats).and_then(|r| r["drops"]["policy_ingress"].as_u64()).unwrap_or(0);
+        if got >= n || Instant::now() > deadline {
+            break got;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(ingress >= 4, "policy_ingress drops counted: {ingress}\n{}", dp.log());
+    assert!(ingress >= n, "policy_ingress drops counted: {ingress}\n{}", dp.log());
+}
+
+#[test]
+fn network_policy_through_the_af_xdp_dataplane() {
+    if !is_root() {
+        eprintln!("skipped: needs root, network namespaces and BPF");
+        return;
+    }
+    let (topo, servers) = setup("pol");
+    let (cfg, socket) = write_node_config(&topo, &[0]).unwrap();
+    let stats = topo.dir.join("stats.json");
+    let mut dp =
+        start_dataplane(&topo, &cfg, &stats, "dataplane.log").unwrap_or_else(|e| panic!("{e}"));
+    push_snapshot(&socket, 1, demo_ports()).unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
+    // Before any policy: everyone reaches web .12 directly.
+    fetch(&topo.pods[0], "http://10.200.1.12:8080/")
+        .unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
+    push_policy(&socket, 1, 2, policy()).unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
+    assert_enforced(&topo, &dp);
+    // Removing the policy opens .12 again.
+    push_policy(&socket, 2, 3, PolicyUpdate::default()).unwrap();
+    fetch(&topo.pods[0], "http://10.200.1.12:8080/").expect("open again");
+    assert_ingress_drops(&stats, 4, &dp);
+    dp.stop();
+    drop(servers);
+}
+
+/// The demo pods as Kubernetes Pods (labels, named container ports, addresses, node-1).
+fn pods_yaml() -> String {
+    let pods = [
+        ("client", "10.200.0.2", "app: client", "http", 8080, "TCP"),
+        ("web-11", "10.200.1.11", "{app: web, tier: a}", "http", 8080, "TCP"),
+        ("web-12", "10.200.1.12", "{app: web, tier: b}", "http", 8080, "TCP"),
+        ("web-13", "10.200.1.13", "{app: web, tier: c}", "http", 8080, "TCP"),
+        ("echo-21", "10.200.1.21", "{app: echo, tier: a}", "dns", 5353, "UDP"),
+        ("echo-22", "10.200.1.22", "{app: echo, tier: b}", "dns", 5353, "UDP"),
+        ("sticky-31", "10.200.1.31", "{app: sticky}", "http", 8080, "TCP"),
+        ("sticky-32", "10.200.1.32", "{app: sticky}", "http", 8080, "TCP"),
+    ];
+    let mut out = String::new();
+    for (name, ip, labels, port_name, port, proto) in pods {
+        let labels =
+            if labels.starts_with('{') { labels.to_string() } else { format!("{{{labels}}}") };
+        out += &format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: \
+             {labels}}}\nspec:\n  nodeName: node-1\n  containers:\n  - name: c\n    image: x\n    \
+             ports: [{{name: {port_name}, containerPort: {port}, protocol: {proto}}}]\nstatus: \
+             {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+        );
+    }
+    out
+}
+
+/// The NetworkPolicies equivalent to [`policy`]: web tier a and echo tier a take the client
+/// on their named port; tier b takes nobody.
+const POLICIES: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-a-from-client, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: web, tier: a}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: http}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: echo-a-from-client, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: echo, tier: a}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{protocol: UDP, port: dns}]
+"#;
+
+const DENY_B: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-b, namespace: demo}
+spec:
+  podSelector: {matchLabels: {tier: b}}
+  policyTypes: [Ingress]
+"#;
+
+#[test]
+fn compiled_network_policies_from_manifests_are_enforced_and_follow_changes() {
+    if !is_root() {
+        eprintln!("skipped: needs root, network namespaces and BPF");
+        return;
+    }
+    let (topo, servers) = setup("polc");
+    let (cfg, socket) = write_node_config(&topo, &[0]).unwrap();
+    let stats = topo.dir.join("stats.json");
+    let mut dp =
+        start_dataplane(&topo, &cfg, &stats, "dataplane.log").unwrap_or_else(|e| panic!("{e}"));
+    // The demo's Services and EndpointSlices, the pods, and the policies, as a manifest
+    // directory that kxdp-control watches.
+    let dir = topo.dir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/demo");
+    for e in std::fs::read_dir(&demo).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(dir.join("pods.yaml"), pods_yaml()).unwrap();
+    std::fs::write(dir.join("policies.yaml"), POLICIES).unwrap();
+    std::fs::write(dir.join("deny-b.yaml"), DENY_B).unwrap();
+    let ctl = binary("kxdp-control");
+    let mut control = Proc::start(
+        &topo.node,
+        &[
+            ctl.to_str().unwrap(),
+            "--manifests",
+            dir.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--node-name",
+            "node-1",
+            "--metrics-address",
+            "none",
+        ],
+        &topo.dir.join("control.log"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let published = wait_for(Duration::from_secs(20), || {
+        read_stats(&stats).is_some_and(|r| r["control_generation"].as_u64().unwrap_or(0) > 0)
+    });
+    assert!(published, "control published nothing:\n{}", control.log());
+    // The policy follows the snapshot: wait until .12 is closed.
+    let closed = wait_for(Duration::from_secs(10), || {
+        fetch(&topo.pods[0], "http://10.200.1.12:8080/").is_err()
+    });
+    assert!(closed, "policy not enforced:\n{}\n{}", control.log(), dp.log());
+    assert_enforced(&topo, &dp);
+    // Deleting the deny-b policy (the directory is re-read) opens .12 again.
+    std::fs::remove_file(dir.join("deny-b.yaml")).unwrap();
+    let open = wait_for(Duration::from_secs(15), || {
+        fetch(&topo.pods[0], "http://10.200.1.12:8080/").is_ok()
+    });
+    assert!(open, "policy removal not applied:\n{}", control.log());
+    assert_ingress_drops(&stats, 4, &dp);
+    control.stop();
     dp.stop();
     drop(servers);
 }
