@@ -7,6 +7,9 @@
 //!   pods anywhere in the cluster and addresses inside and outside the policies' `ipBlock`s,
 //!   destinations are the pods of this node (every one selected by some policy), ports and
 //!   protocols those the policies name and others. Each iteration checks 64 of them.
+//! - `check-isolated/N`: the same tuples, all to pod 0 of this node, which policy 0 isolates at
+//!   every size: every check does the full lookup (both endpoints, the source's identity, the
+//!   destination's ingress set).
 //! - `pipeline/N`: `process_batch` on 64 UDP frames, every one a new flow from such a source to
 //!   a pod of this node (its policy checked, then tracked or dropped).
 //!
@@ -102,6 +105,30 @@ fn main() {
                 let p = t.policy();
                 let mut ok = 0u32;
                 for &(s, d, proto, port) in &tuples[i..i + BATCH] {
+                    ok += u32::from(p.check(s, d, proto, port).is_ok());
+                }
+                i = (i + BATCH) % TUPLES;
+                black_box(ok)
+            })
+        });
+    }
+    let to_pod0: Vec<(u32, u32, u8, u16)> = tuples
+        .iter()
+        .map(|&(s, _, p, port)| (s, u32::from(synthetic_pod_ip(0)), p, port))
+        .collect();
+    for (n, t) in sizes.iter().zip(&built) {
+        assert!(t.policy().isolated(u32::from(synthetic_pod_ip(0))));
+        let allowed = to_pod0
+            .iter()
+            .filter(|&&(s, d, p, port)| t.policy().check(s, d, p, port).is_ok())
+            .count();
+        println!("{n} policies, to pod 0: {allowed} of {TUPLES} allowed");
+        let mut i = 0usize;
+        g.bench_function(format!("check-isolated/{n}"), |b| {
+            b.iter(|| {
+                let p = t.policy();
+                let mut ok = 0u32;
+                for &(s, d, proto, port) in &to_pod0[i..i + BATCH] {
                     ok += u32::from(p.check(s, d, proto, port).is_ok());
                 }
                 i = (i + BATCH) % TUPLES;
