@@ -208,6 +208,27 @@ fn restrict_queues(info: &mut plan::IfaceInfo, q: &Option<Vec<u32>>) {
     }
 }
 
+/// Pins the IRQs of an interface taken over at runtime to the cores of the workers its queues
+/// were given (or to the housekeeping cores). Workers are all running when interfaces may
+/// appear, so worker `w` is the plan's `w`-th core. Failures are logged, not fatal.
+fn pin_irqs_of(cfg: &NodeConfig, sel: &Selected, assigned: &[(u32, usize)]) {
+    let mut p = match make_plan_for(cfg, std::slice::from_ref(sel)) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(iface = %sel.name, error = %e, "IRQs of a new interface not pinned");
+            return;
+        }
+    };
+    plan::follow_workers(&mut p, assigned);
+    if p.irqs.is_empty() {
+        return;
+    }
+    match plan::apply(&p, std::path::Path::new("/")) {
+        Ok(r) => tracing::info!(iface = %sel.name, "IRQ affinity: {r}"),
+        Err(e) => tracing::warn!(iface = %sel.name, error = %e, "IRQ affinity not applied"),
+    }
+}
+
 /// Discovers the selected interfaces' queues and IRQs and plans which worker core serves
 /// each queue and where each IRQ goes (see [`plan`]).
 pub fn make_plan(cfg: &NodeConfig) -> Result<plan::Plan, StartError> {
@@ -741,6 +762,11 @@ impl Dataplane {
             return Err(e);
         }
         self.added += 1;
+        if self.cfg.irq_affinity {
+            let assigned: Vec<(u32, usize)> =
+                self.ifaces[k].queues.iter().map(|q| (q.0, q.1)).collect();
+            pin_irqs_of(&self.cfg, sel, &assigned);
+        }
         tracing::info!(iface = %sel.name, ifindex, queues = ?self.ifaces[k].queues.iter().map(|q| (q.0, q.1)).collect::<Vec<_>>(), "interface added");
         Ok(())
     }

@@ -1118,6 +1118,23 @@ impl fmt::Display for ApplyReport {
     }
 }
 
+/// Points the IRQs of `p` at the cores of the workers their queues were actually given
+/// (`assigned`: (queue, worker index into [`Plan::workers`])), unless IRQs go to housekeeping
+/// cores. For an interface that appeared at runtime: its queues go to the least-loaded
+/// workers, not necessarily where [`plan`] would have put them, and its IRQs must follow.
+pub fn follow_workers(p: &mut Plan, assigned: &[(u32, usize)]) {
+    if p.housekeeping.is_some() {
+        return;
+    }
+    for irq in &mut p.irqs {
+        if let Some(&(_, w)) = assigned.iter().find(|(q, _)| *q == irq.queue) {
+            if let Some(&core) = p.workers.get(w) {
+                irq.cpu = core;
+            }
+        }
+    }
+}
+
 /// Writes each planned IRQ's CPU into `root/proc/irq/N/smp_affinity_list`. IRQs that are gone
 /// or whose file cannot be written are reported, not fatal; only a missing `proc/irq` (with
 /// IRQs to pin) is an error.
@@ -1402,6 +1419,21 @@ mod tests {
         // Queues are placed the same way either way.
         let q: Vec<usize> = p.queues.iter().map(|q| q.core).collect();
         assert_eq!(q, plan(&ifs, &[2, 3], None).queues.iter().map(|q| q.core).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn irqs_of_a_runtime_interface_follow_the_workers_it_was_given() {
+        let ifs = [with_irqs(iface("eth9", 2, 4), 40)];
+        let mut p = plan(&ifs, &[2, 3], None);
+        // Every queue went to worker 1 (core 3), say because worker 0 was busier.
+        let assigned: Vec<(u32, usize)> = (0..4).map(|q| (q, 1)).collect();
+        follow_workers(&mut p, &assigned);
+        assert!(!p.irqs.is_empty());
+        assert!(p.irqs.iter().all(|i| i.cpu == 3), "{:?}", p.irqs);
+        // With housekeeping cores the IRQs stay there.
+        let mut h = plan(&ifs, &[2, 3], Some(&[0]));
+        follow_workers(&mut h, &assigned);
+        assert!(h.irqs.iter().all(|i| i.cpu == 0));
     }
 
     #[test]
