@@ -46,9 +46,19 @@ fn fetch(pod: &Pod, url: &str) -> Result<String, String> {
     pod.ns.exec(&["curl", "-sS", "--max-time", "2", url])
 }
 
+/// What each test runs on: the namespaces, their servers, the dataplane, its control socket
+/// and stats file.
+struct Setup {
+    topo: Topology,
+    servers: Vec<Server>,
+    dp: Proc,
+    socket: std::path::PathBuf,
+    stats: std::path::PathBuf,
+}
+
 /// The namespace topology with HTTP servers on the web and sticky pods and UDP echo on the
-/// echo pods.
-fn setup(tag: &str) -> (Topology, Vec<Server>) {
+/// echo pods, and the dataplane on one worker.
+fn setup(tag: &str) -> Setup {
     let pods: Vec<Ipv4Addr> = DEMO_PODS.iter().map(|a| Ipv4Addr::from(*a)).collect();
     let topo = Topology::build(tag, &pods).expect("topology");
     topo.resolve_neighbours().unwrap();
@@ -60,7 +70,11 @@ fn setup(tag: &str) -> (Topology, Vec<Server>) {
             servers.push(http_server(b, 8080).unwrap());
         }
     }
-    (topo, servers)
+    let (cfg, socket) = write_node_config(&topo, &[0]).unwrap();
+    let stats = topo.dir.join("stats.json");
+    let dp =
+        start_dataplane(&topo, &cfg, &stats, "dataplane.log").unwrap_or_else(|e| panic!("{e}"));
+    Setup { topo, servers, dp, socket, stats }
 }
 
 /// What [`policy`] (or the equivalent NetworkPolicies) must enforce, checked with real
@@ -126,11 +140,7 @@ fn network_policy_through_the_af_xdp_dataplane() {
         eprintln!("skipped: needs root, network namespaces and BPF");
         return;
     }
-    let (topo, servers) = setup("pol");
-    let (cfg, socket) = write_node_config(&topo, &[0]).unwrap();
-    let stats = topo.dir.join("stats.json");
-    let mut dp =
-        start_dataplane(&topo, &cfg, &stats, "dataplane.log").unwrap_or_else(|e| panic!("{e}"));
+    let Setup { topo, servers, mut dp, socket, stats } = setup("pol");
     push_snapshot(&socket, 1, demo_ports()).unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
     // Before any policy: everyone reaches web .12 directly.
     fetch(&topo.pods[0], "http://10.200.1.12:8080/")
@@ -208,11 +218,7 @@ fn compiled_network_policies_from_manifests_are_enforced_and_follow_changes() {
         eprintln!("skipped: needs root, network namespaces and BPF");
         return;
     }
-    let (topo, servers) = setup("polc");
-    let (cfg, socket) = write_node_config(&topo, &[0]).unwrap();
-    let stats = topo.dir.join("stats.json");
-    let mut dp =
-        start_dataplane(&topo, &cfg, &stats, "dataplane.log").unwrap_or_else(|e| panic!("{e}"));
+    let Setup { topo, servers, mut dp, socket, stats } = setup("polc");
     // The demo's Services and EndpointSlices, the pods, and the policies, as a manifest
     // directory that kxdp-control watches.
     let dir = topo.dir.join("manifests");
