@@ -182,6 +182,27 @@ impl Default for Timeouts {
     }
 }
 
+/// [`Timeouts`] in nanoseconds, indexed by `State as usize`, ICMP's at [`ICMP_SLOT`]: what a
+/// packet's expiry update reads (one indexed load).
+#[derive(Clone, Copy, Debug)]
+struct TimeoutsNs([u64; 10]);
+
+const ICMP_SLOT: usize = 9;
+
+impl TimeoutsNs {
+    fn new(t: &Timeouts) -> Self {
+        use State::*;
+        let mut ns = [0; 10];
+        for s in
+            [Unreplied, Replied, SynSent, SynRecv, Established, FinWait, LastAck, TimeWait, Close]
+        {
+            ns[s as usize] = u64::from(t.of(s)) * 1_000_000_000;
+        }
+        ns[ICMP_SLOT] = u64::from(t.icmp) * 1_000_000_000;
+        Self(ns)
+    }
+}
+
 impl Timeouts {
     fn of(&self, s: State) -> u32 {
         match s {
@@ -318,6 +339,11 @@ impl Flow {
     /// Advances the state machine for one packet and refreshes the expiry.
     #[inline(always)]
     pub fn on_packet(&mut self, dir: Dir, flags: u8, now: u64, t: &Timeouts) {
+        self.on_packet_ns(dir, flags, now, &TimeoutsNs::new(t));
+    }
+
+    #[inline(always)]
+    fn on_packet_ns(&mut self, dir: Dir, flags: u8, now: u64, t: &TimeoutsNs) {
         self.last_seen = now;
         match dir {
             Dir::Orig => self.packets_orig += 1,
@@ -330,12 +356,12 @@ impl Flow {
                 _ => State::Replied,
             },
         };
-        let timeout = if self.orig.proto == IPPROTO_TCP || self.orig.proto == IPPROTO_UDP {
-            t.of(self.state)
+        let slot = if self.orig.proto == IPPROTO_TCP || self.orig.proto == IPPROTO_UDP {
+            self.state as usize
         } else {
-            t.icmp
+            ICMP_SLOT
         };
-        self.expires = now + u64::from(timeout) * 1_000_000_000;
+        self.expires = now + t.0[slot];
     }
 
     #[inline(never)]
@@ -507,6 +533,7 @@ pub struct Conntrack {
     hasher: RandomState,
     conns: Arc<ConnCounts>,
     timeouts: Timeouts,
+    timeouts_ns: TimeoutsNs,
     gc_cursor: usize,
     hand: usize,
     len: usize,
@@ -531,6 +558,7 @@ impl Conntrack {
             free,
             hasher: RandomState::new(),
             conns,
+            timeouts_ns: TimeoutsNs::new(&timeouts),
             timeouts,
             gc_cursor: 0,
             hand: 0,
@@ -697,8 +725,8 @@ impl Conntrack {
     /// Updates a flow's state for a packet.
     #[inline(always)]
     pub fn on_packet(&mut self, idx: u32, dir: Dir, flags: u8, now: u64) {
-        let Self { flows, timeouts, .. } = self;
-        flows[idx as usize].0.on_packet(dir, flags, now, timeouts);
+        let Self { flows, timeouts_ns, .. } = self;
+        flows[idx as usize].0.on_packet_ns(dir, flags, now, timeouts_ns);
     }
 
     /// Counts `bytes` of a packet of flow `idx` (its record is in cache: the packet was just
@@ -746,7 +774,7 @@ impl Conntrack {
         flow.fins = 0;
         flow.packets_orig = 0;
         flow.packets_reply = 0;
-        flow.on_packet(Dir::Orig, flags, now, &self.timeouts);
+        flow.on_packet_ns(Dir::Orig, flags, now, &self.timeouts_ns);
         self.flows[idx as usize].0 = flow;
         self.place(h_orig, idx + 1, now);
         self.place(h_reply, (idx + 1) | REPLY_BIT, now);

@@ -223,15 +223,29 @@ fn process_chunk(
     for (f, p) in frames.iter_mut().zip(pre.iter_mut()) {
         let len = f.len.min(f.buf.len());
         f.len = len;
-        p.parsed = wire::parse(&f.buf[..len]);
-        if let Parsed::Ipv4(o) = &p.parsed {
-            if o.has_l4 && (o.proto == IPPROTO_TCP || o.proto == IPPROTO_UDP) {
-                let key = tuple(f.buf, o);
-                let h = w.ct.hash(&key);
-                w.ct.prefetch_buckets(h);
-                p.key = Some((key, h));
+        let frame = &f.buf[..len];
+        // The common frame (its offsets are constants here) and the others, each with its
+        // own copy of the tuple read.
+        let key = match wire::parse_common(frame) {
+            Some(o) => {
+                p.parsed = Parsed::Ipv4(o);
+                tuple(frame, &o)
             }
-        }
+            None => {
+                p.parsed = wire::parse_general(frame);
+                match &p.parsed {
+                    Parsed::Ipv4(o)
+                        if o.has_l4 && (o.proto == IPPROTO_TCP || o.proto == IPPROTO_UDP) =>
+                    {
+                        tuple(frame, o)
+                    }
+                    _ => continue,
+                }
+            }
+        };
+        let h = w.ct.hash(&key);
+        w.ct.prefetch_buckets(h);
+        p.key = Some((key, h));
     }
     let mut new_flows = false;
     for p in &mut pre[..frames.len()] {

@@ -193,10 +193,11 @@ pub fn parse(frame: &[u8]) -> Parsed {
 /// Smallest common frame: Ethernet, a 20-byte IPv4 header and a UDP header.
 const COMMON_MIN: usize = ETH_HLEN + 20 + 8;
 
-/// The fast path of [`parse`]: `Some` only for a well-formed Ethernet II / IPv4 (IHL 5, not a
+/// The fast path of [`parse`] (which the batch pipeline also calls directly, to specialise
+/// the common case): `Some` only for a well-formed Ethernet II / IPv4 (IHL 5, not a
 /// fragment) / TCP or UDP frame, with exactly the offsets the general parser would find.
 #[inline(always)]
-fn parse_common(frame: &[u8]) -> Option<Offsets> {
+pub fn parse_common(frame: &[u8]) -> Option<Offsets> {
     let h: &[u8; COMMON_MIN] = frame.first_chunk()?;
     // EtherType IPv4, version 4 with IHL 5, no MF and fragment offset 0 (DF may be set).
     let frag = u16::from_be_bytes([h[20], h[21]]);
@@ -240,9 +241,10 @@ fn parse_common(frame: &[u8]) -> Option<Offsets> {
     ok.then_some(Offsets { l3: ETH_HLEN, l4, end, proto, has_l4: true, fragment: false })
 }
 
-/// The general parser: VLAN tags, IP options, fragments, other protocols, malformed frames.
+/// The general parser: VLAN tags, IP options, fragments, other protocols, malformed frames
+/// (and, correctly but slowly, the common frame too).
 #[inline(never)]
-fn parse_general(frame: &[u8]) -> Parsed {
+pub fn parse_general(frame: &[u8]) -> Parsed {
     if frame.len() < ETH_HLEN {
         return Parsed::EthTruncated;
     }
