@@ -455,15 +455,13 @@ pub fn rewrite_tuple(
             }
             wr16(b, l4 + coff, c);
         }
-        IPPROTO_ICMP => {
-            // ICMP query id plays the port's role; ICMP's checksum has no pseudo-header.
-            if l4_len >= 8 {
-                let old_id = rd16(b, l4 + 4);
-                if old_id != sport {
-                    wr16(b, l4 + 4, sport);
-                    let c = csum_replace2(rd16(b, l4 + 2), old_id, sport);
-                    wr16(b, l4 + 2, c);
-                }
+        // ICMP query id plays the port's role; ICMP's checksum has no pseudo-header.
+        IPPROTO_ICMP if l4_len >= 8 => {
+            let old_id = rd16(b, l4 + 4);
+            if old_id != sport {
+                wr16(b, l4 + 4, sport);
+                let c = csum_replace2(rd16(b, l4 + 2), old_id, sport);
+                wr16(b, l4 + 2, c);
             }
         }
         _ => {}
