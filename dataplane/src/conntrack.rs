@@ -260,7 +260,8 @@ pub struct Flow {
     /// Tuple as the backend sends back.
     pub reply: FlowKey,
     /// Per direction (orig, reply), the checksum deltas of translating a packet of that
-    /// direction ([`crate::wire::nat_deltas`]), computed once when the flow is created.
+    /// direction ([`crate::wire::nat_deltas`]), computed once when the flow is created from
+    /// `orig` and `reply`, which therefore never change afterwards (build a new flow instead).
     #[serde(skip)]
     nat: [[u16; 2]; 2],
     /// Per direction, the next hop of the translated packet in the tables of generation
