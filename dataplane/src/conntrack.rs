@@ -470,6 +470,33 @@ impl Conntrack {
     /// A table for `capacity` flows (at least 16, at most 2^27). Backend connection counts are
     /// kept in `conns`: incremented on insert, decremented when a flow leaves.
     pub fn new(capacity: usize, timeouts: Timeouts, conns: Arc<ConnCounts>) -> Self {
+        Self::with_hasher(capacity, timeouts, conns, RandomState::new())
+    }
+
+    /// [`Conntrack::new`] with a fixed hash seed, for tests that compare two tables: the
+    /// bucket layout and the flow hash (so random and Maglev picks) are then the same in both.
+    /// A fixed seed lets a sender aim collisions; the packet path uses [`Conntrack::new`].
+    pub fn with_seed(
+        capacity: usize,
+        timeouts: Timeouts,
+        conns: Arc<ConnCounts>,
+        seed: u64,
+    ) -> Self {
+        let k = |i: u64| seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(i);
+        Self::with_hasher(
+            capacity,
+            timeouts,
+            conns,
+            RandomState::with_seeds(k(1), k(2), k(3), k(4)),
+        )
+    }
+
+    fn with_hasher(
+        capacity: usize,
+        timeouts: Timeouts,
+        conns: Arc<ConnCounts>,
+        hasher: RandomState,
+    ) -> Self {
         let capacity = capacity.clamp(16, MAX_CAPACITY);
         let conns_capacity = conns.capacity();
         // Two keys per flow at a load factor of at most 0.8.
@@ -481,7 +508,7 @@ impl Conntrack {
             bucket_mask: buckets - 1,
             flows: HugeArray::zeroed(capacity),
             free,
-            hasher: RandomState::new(),
+            hasher,
             conns,
             timeouts,
             gc_cursor: 0,
@@ -562,14 +589,36 @@ impl Conntrack {
             }
         }
         if !hit && self.free.is_empty() {
-            // Both lines: the victim's record is rewritten whole for the new flow.
-            self.sample_victims(h, |fi| {
-                let e = base.wrapping_add(fi as usize);
-                prefetch(e);
-                prefetch(e.cast::<u8>().wrapping_add(64));
-            });
+            // The first lines, which hold what the victim choice compares; the chosen one's
+            // second line follows in `prefetch_eviction`.
+            self.sample_victims(h, |fi| prefetch(base.wrapping_add(fi as usize)));
         }
         hit
+    }
+
+    /// For a key of hash `h` about to be inserted when the slab is full: picks the victim the
+    /// insert would evict (reading the first lines [`Conntrack::prefetch_flow`] loaded) and
+    /// starts loading what evicting it writes: the rest of its record (rewritten whole for the
+    /// new flow), the index lines of its two keys (one is usually elsewhere in the table), its
+    /// backend's retired-traffic counters and connection count. A third pass over a batch.
+    /// Earlier inserts of the same batch may change the choice; this is only a hint.
+    #[inline(always)]
+    pub fn prefetch_eviction(&self, h: u64, now: u64) {
+        if !self.free.is_empty() {
+            return;
+        }
+        let Some(fi) = self.victim_near(h, now) else { return };
+        let e = &self.flows[fi as usize];
+        prefetch((e as *const Entry).cast::<u8>().wrapping_add(64));
+        let f = &e.0;
+        let base = self.index.as_ptr();
+        for s in f.slots {
+            prefetch(base.wrapping_add((s >> 4) as usize));
+        }
+        if f.backend != 0 {
+            self.retired.prefetch(f.backend);
+            self.conns.prefetch(f.backend);
+        }
     }
 
     /// Finds a live flow by either of its keys. An expired flow found here is removed.

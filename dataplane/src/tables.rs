@@ -207,7 +207,13 @@ impl ServicePort {
             .iter()
             .map(|&i| {
                 let b = &backends[usize::from(i)];
-                Candidate { id: b.id, ip: u32::from(b.ip), port: b.port, weight: b.weight }
+                Candidate {
+                    id: b.id,
+                    ip: u32::from(b.ip),
+                    port: b.port,
+                    weight: b.weight,
+                    local: b.local,
+                }
             })
             .collect();
         let sched = Scheduler::new(spec.algorithm, &candidates, spec.maglev_size);
