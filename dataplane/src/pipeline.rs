@@ -175,9 +175,13 @@ const CHUNK: usize = 64;
 /// the cache misses of the whole chunk overlap instead of being paid one after the other:
 /// 1. parse each frame, hash its 5-tuple and prefetch the key's two conntrack index lines;
 /// 2. read the tags in those lines and prefetch the flow records they point at; a key with no
-///    matching tag is not in conntrack (most likely a new flow): look its frontend up now and
-///    prefetch the service port it leads to (and, the table being full, the first lines of the
-///    flows an insert would choose its victim from); then, only when the chunk has new flows:
+///    matching tag is not in conntrack (most likely a new flow): prefetch its frontend slot
+///    (and, the table being full, the first lines of the flows an insert would choose its
+///    victim from); then, only when the chunk has such keys:
+///    - 2a: look their frontends up and prefetch the first line of the service ports they
+///      lead to;
+///
+///    and only when the chunk has new flows:
 ///    - 2b: prefetch those services' candidates and scheduler table lines;
 ///    - 2c: choose the eviction victim and prefetch what evicting it writes; where the
 ///      scheduler's pick is a pure function of the packet (random, sh, dh, Maglev, without
@@ -247,13 +251,25 @@ fn process_chunk(
             }
         }
     }
-    let mut new_flows = false;
+    let mut misses = false;
     for p in &mut pre[..frames.len()] {
         if let Some((key, h)) = p.key {
             if !w.ct.prefetch_flow(h) {
+                tables.prefetch_frontend(&frontend_key(&key));
+                // Looked up in the next pass.
+                p.fe = Some(None);
+                misses = true;
+            }
+        }
+    }
+    let mut new_flows = false;
+    if misses {
+        for p in &mut pre[..frames.len()] {
+            if let (Some((key, _)), Some(_)) = (p.key, p.fe) {
                 let fe = tables.frontend(&frontend_key(&key)).copied();
                 if let Some(svc) = fe.and_then(|fe| tables.service_arc(fe.service)) {
-                    prefetch_bytes(Arc::as_ptr(svc), std::mem::size_of::<ServicePort>());
+                    // What a new flow reads of it is its first line.
+                    prefetch(Arc::as_ptr(svc));
                     new_flows = true;
                 }
                 p.fe = Some(fe);
@@ -528,7 +544,7 @@ fn pick_ahead(
     }
     w.ct.prefetch_eviction(h, now);
     let svc = t.service(fe.service)?;
-    if svc.spec().affinity_timeout_s.is_some() || !svc.scheduler().pick_is_pure() {
+    if svc.affinity_timeout_s().is_some() || !svc.scheduler().pick_is_pure() {
         return None;
     }
     let pk = PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: h };
@@ -649,7 +665,7 @@ fn finish_new(
     backend: u32,
     flags: u8,
 ) -> Verdict {
-    if let Some(timeout) = svc.spec().affinity_timeout_s {
+    if let Some(timeout) = svc.affinity_timeout_s() {
         w.affinity.insert(svc.id(), key.src, backend, now + u64::from(timeout) * NS, now);
     }
     let h_reply = h_reply.unwrap_or_else(|| w.ct.hash(&reply));
@@ -704,7 +720,7 @@ fn affinity_candidate(
     affinity: &AffinityTable,
     now: u64,
 ) -> Option<Result<u16, ()>> {
-    svc.spec().affinity_timeout_s?;
+    svc.affinity_timeout_s()?;
     let bid = affinity.lookup(svc.id(), client, now)?;
     Some(svc.candidates().iter().position(|c| c.id == bid).map(|i| i as u16).ok_or(()))
 }
