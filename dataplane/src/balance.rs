@@ -407,21 +407,29 @@ impl Scheduler {
         )
     }
 
-    /// Starts loading the part of the prepared table a pick will read (random, rr, sh, dh: the
-    /// whole table when small; Maglev: the one entry `key` selects).
+    /// Starts loading what a pick for `key` will read: for random over candidates that all
+    /// have a weight (kube-proxy's case: the table is the identity and is skipped), the one
+    /// candidate it picks; otherwise the table (Maglev: the one entry `key` selects; the others
+    /// when small) and the candidates (up to 1 KiB).
     #[inline(always)]
-    pub fn prefetch(&self, key: &PickKey) {
-        let p = self.table.as_ptr();
+    pub fn prefetch(&self, candidates: &[Candidate], key: &PickKey) {
+        let (t, len) = (self.table.as_ptr(), self.table.len());
         match self.algorithm {
-            Algorithm::Maglev if !self.table.is_empty() => crate::mem::prefetch(
-                p.wrapping_add((key.flow_hash % self.table.len() as u64) as usize),
-            ),
-            _ if !self.table.is_empty() && self.table.len() <= 32 => {
-                crate::mem::prefetch(p);
-                crate::mem::prefetch(p.wrapping_add(self.table.len() - 1));
+            Algorithm::Random if len == self.n as usize && len > 0 => {
+                let i = hash_below(key.flow_hash, self.n) as usize;
+                crate::mem::prefetch(candidates.as_ptr().wrapping_add(i));
+                return;
+            }
+            Algorithm::Maglev if len > 0 => {
+                crate::mem::prefetch(t.wrapping_add((key.flow_hash % len as u64) as usize))
+            }
+            _ if len > 0 && len <= 32 => {
+                crate::mem::prefetch(t);
+                crate::mem::prefetch(t.wrapping_add(len - 1));
             }
             _ => {}
         }
+        crate::mem::prefetch_bytes(candidates.as_ptr(), size_of_val(candidates));
     }
 
     #[inline(always)]
@@ -443,7 +451,13 @@ impl Scheduler {
                 if len == 0 {
                     return None;
                 }
-                self.table[hash_below(key.flow_hash, len) as usize]
+                let i = hash_below(key.flow_hash, len);
+                // Every candidate has a weight: the table is the identity, not read.
+                if len == self.n {
+                    i as u16
+                } else {
+                    self.table[i as usize]
+                }
             }
             Algorithm::RoundRobin | Algorithm::WeightedRoundRobin => {
                 let len = self.table.len() as u64;

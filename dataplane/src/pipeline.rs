@@ -182,7 +182,8 @@ const CHUNK: usize = 64;
 ///      lead to;
 ///
 ///    and only when the chunk has new flows:
-///    - 2b: prefetch those services' candidates and scheduler table lines;
+///    - 2b: prefetch what the services' schedulers will read (for random, just the candidate
+///      it will pick; see [`crate::balance::Scheduler::prefetch`]);
 ///    - 2c: choose the eviction victim and prefetch what evicting it writes; where the
 ///      scheduler's pick is a pure function of the packet (random, sh, dh, Maglev, without
 ///      session affinity), pick now, hash the reply key the new flow would have and prefetch
@@ -281,8 +282,8 @@ fn process_chunk(
             if let (Some((_, h)), Some(svc)) =
                 (p.key, p.fe.flatten().and_then(|fe| tables.service(fe.service)))
             {
-                prefetch_bytes(svc.candidates().as_ptr(), size_of_val(svc.candidates()));
-                svc.scheduler().prefetch(&PickKey { flow_hash: h, ..PickKey::default() });
+                let pk = PickKey { flow_hash: h, ..PickKey::default() };
+                svc.scheduler().prefetch(svc.candidates(), &pk);
             }
         }
         for p in &mut pre[..frames.len()] {
@@ -346,19 +347,6 @@ fn tuple(b: &[u8], o: &Offsets) -> FlowKey {
         sport: rd16(b, o.l4),
         dport: rd16(b, o.l4 + 2),
         proto: o.proto,
-    }
-}
-
-/// Prefetches the lines of `len` bytes from `p`, at most 1 KiB.
-#[inline(always)]
-fn prefetch_bytes<T>(p: *const T, len: usize) {
-    let p = p.cast::<u8>();
-    for off in (0..len.min(1024)).step_by(64) {
-        prefetch(p.wrapping_add(off));
-    }
-    if len > 0 {
-        // The last line, when `p` is not line-aligned.
-        prefetch(p.wrapping_add(len.min(1024) - 1));
     }
 }
 
