@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use crate::affinity::AffinityTable;
 use crate::balance::{Candidate, ConnCounts, PickKey};
-use crate::conntrack::{Conntrack, Dir, Flow, FlowKey, Timeouts};
+use crate::conntrack::{Conntrack, Dir, Flow, FlowKey, Timeouts, VictimHint};
 use crate::counters::{Counters, DropReason, PassReason};
 use crate::frag::FragTable;
 use crate::mem::prefetch;
@@ -213,15 +213,23 @@ struct Pre {
     key: Option<(FlowKey, u64)>,
     /// The frontend lookup of the tuple, when pass 2 did it.
     fe: Option<Option<Frontend>>,
-    /// The scheduler's pick, when pass 2c made it.
-    ahead: Option<Ahead>,
+    /// What pass 2c decided ahead for a new flow.
+    ahead: Ahead,
 }
 
-/// A new flow's backend, picked ahead of time (pass 2c) for a service whose scheduler is pure
-/// and has no session affinity: the same answer [`choose`] gives in pass 3, since the tables do
-/// not change during a batch.
-#[derive(Clone, Copy)]
+/// What pass 2c decided ahead for a new flow ([`pick_ahead`]).
+#[derive(Clone, Copy, Default)]
 struct Ahead {
+    /// The backend, for a service whose scheduler is pure and has no session affinity.
+    pick: Option<Pick>,
+    /// The flow conntrack would evict for it (checked by the insert before use).
+    victim: Option<VictimHint>,
+}
+
+/// A new flow's backend picked ahead: the same answer [`choose`] gives in pass 3, since the
+/// tables do not change during a batch.
+#[derive(Clone, Copy)]
+struct Pick {
     /// Index into the service's candidates.
     ci: u16,
     /// The conntrack hash of the reply key without source NAT (`direct_reply`); 0 when the
@@ -238,7 +246,12 @@ fn process_chunk(
     now: u64,
 ) {
     debug_assert!(frames.len() <= CHUNK && frames.len() == verdicts.len());
-    let mut pre = [Pre { parsed: Parsed::EthTruncated, key: None, fe: None, ahead: None }; CHUNK];
+    let mut pre = [Pre {
+        parsed: Parsed::EthTruncated,
+        key: None,
+        fe: None,
+        ahead: Ahead { pick: None, victim: None },
+    }; CHUNK];
     for (f, p) in frames.iter_mut().zip(pre.iter_mut()) {
         let len = f.len.min(f.buf.len());
         f.len = len;
@@ -369,7 +382,7 @@ fn l4(
     key: FlowKey,
     h: u64,
     fe: Option<Option<Frontend>>,
-    ahead: Option<Ahead>,
+    ahead: Ahead,
 ) -> Verdict {
     if o.fragment {
         let id = ip::id(f.buf, o.l3);
@@ -473,7 +486,7 @@ fn known_flow(
                     t.frontend(&FrontendKey { ip: key.dst, port: key.dport, proto: key.proto })
                 {
                     w.counters.udp_rebalanced += 1;
-                    return new_flow(f, o, t, w, now, key, h, *fe, flags, None);
+                    return new_flow(f, o, t, w, now, key, h, *fe, flags, Ahead::default());
                 }
             }
             let reason =
@@ -526,11 +539,17 @@ fn pick_ahead(
     h: u64,
     fe: &Frontend,
     now: u64,
-) -> Option<Ahead> {
+) -> Ahead {
     if w.workers > 1 && !w.local_only && owner_of(t, key.src, key.sport, w.workers) != w.worker_id {
-        return None;
+        return Ahead::default();
     }
-    w.ct.prefetch_eviction(h, now);
+    let victim = w.ct.prefetch_eviction(h, now);
+    Ahead { pick: pick_now(t, w, key, h, fe), victim }
+}
+
+/// [`pick_ahead`]'s pick, with its prefetches.
+#[inline(always)]
+fn pick_now(t: &Tables, w: &WorkerState, key: &FlowKey, h: u64, fe: &Frontend) -> Option<Pick> {
     let svc = t.service(fe.service)?;
     if svc.affinity_timeout_s().is_some() || !svc.scheduler().pick_is_pure() {
         return None;
@@ -546,7 +565,7 @@ fn pick_ahead(
         w.ct.prefetch_buckets(hr);
         hr
     };
-    Some(Ahead { ci, h_direct })
+    Some(Pick { ci, h_direct })
 }
 
 /// The reply key of a flow to `cand` without source NAT: the backend answering the client.
@@ -570,7 +589,7 @@ fn new_flow(
     h: u64,
     fe: Frontend,
     flags: u8,
-    ahead: Option<Ahead>,
+    ahead: Ahead,
 ) -> Verdict {
     if key.proto == IPPROTO_TCP && flags & tcp_flags::RST != 0 {
         return Verdict::Drop(DropReason::TcpNoFlow);
@@ -578,7 +597,7 @@ fn new_flow(
     let Some(svc) = t.service(fe.service) else {
         return Verdict::Drop(DropReason::ServiceRemoved);
     };
-    let picked = match ahead {
+    let picked = match ahead.pick {
         Some(a) => {
             // What `choose` would answer: the scheduler is pure and there is no affinity.
             debug_assert_eq!(
@@ -608,7 +627,7 @@ fn new_flow(
     // this very tuple (a direct connection): then this one goes through a port of our own.
     let mut hr = None;
     let needs_port = snat || {
-        let h0 = match ahead {
+        let h0 = match ahead.pick {
             Some(a) => a.h_direct,
             None => w.ct.hash(&reply),
         };
@@ -621,7 +640,7 @@ fn new_flow(
             return if snat {
                 // Without an address to masquerade to, send it unmasqueraded (as before SNAT
                 // was configured): the kernel path would behave the same.
-                finish_new(f, o, t, w, now, key, h, reply, None, svc, cand.id, flags)
+                finish_new(f, o, t, w, now, key, h, reply, None, svc, cand.id, flags, ahead.victim)
             } else {
                 Verdict::Drop(DropReason::SnatExhausted)
             };
@@ -634,7 +653,7 @@ fn new_flow(
         hr = Some(h_port);
         w.counters.snat_flows += 1;
     }
-    finish_new(f, o, t, w, now, key, h, reply, hr, svc, cand.id, flags)
+    finish_new(f, o, t, w, now, key, h, reply, hr, svc, cand.id, flags, ahead.victim)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -652,13 +671,14 @@ fn finish_new(
     svc: &ServicePort,
     backend: u32,
     flags: u8,
+    victim: Option<VictimHint>,
 ) -> Verdict {
     if let Some(timeout) = svc.affinity_timeout_s() {
         w.affinity.insert(svc.id(), key.src, backend, now + u64::from(timeout) * NS, now);
     }
     let h_reply = h_reply.unwrap_or_else(|| w.ct.hash(&reply));
     let flow = Flow::new(key, reply, svc.id(), backend, t.generation());
-    let idx = w.ct.insert_hashed(flow, h, h_reply, flags, now);
+    let idx = w.ct.insert_hinted(flow, h, h_reply, flags, now, victim);
     w.ct.add_bytes(idx, Dir::Orig, o.end - o.l3);
     w.counters.nat_new += 1;
     wire::rewrite_tuple(
