@@ -9,7 +9,7 @@
 //!
 //! | name | [`Algorithm`] | picks |
 //! |------|---------------|-------|
-//! | `random` | `Random` | uniformly among candidates of weight > 0 (kube-proxy's iptables mode) |
+//! | `random` | `Random` | uniformly among candidates of weight > 0 (kube-proxy's iptables mode), by the 5-tuple hash |
 //! | `rr` | `RoundRobin` | the next candidate of weight > 0, cycling in order |
 //! | `wrr` | `WeightedRoundRobin` | IPVS's interleaved weighted sequence (see below) |
 //! | `lc` | `LeastConnection` | fewest active connections; ties to the first |
@@ -64,6 +64,14 @@
 //!   another, and least-connection only means something when it sees every worker's flows;
 //!   per-worker counts would each see a fraction and disagree. Relaxed reads may be a few flows
 //!   stale under concurrency, which balancing tolerates (IPVS reads its counters the same way).
+//! - **Random keys on the 5-tuple hash too** ([`PickKey::flow_hash`], the worker's conntrack
+//!   hash, seeded at random per table, so a client can neither predict nor aim it): each
+//!   distinct 5-tuple is an independent uniform draw, which is what kube-proxy's `statistic
+//!   mode random` rules give a new connection. What changes is that the same 5-tuple, should
+//!   its conntrack entry be lost, draws the same backend again on this worker. The gain: the
+//!   choice is a pure function of the packet and the tables, so the batch pipeline can make it
+//!   ahead of time and start loading the new flow's reply-key conntrack lines before it needs
+//!   them (see [`Scheduler::pick_is_pure`]).
 //! - **Maglev keys on the 5-tuple hash** ([`PickKey::flow_hash`]), not the client address: each
 //!   connection sticks to its backend (even if its conntrack entry is lost, or it lands on
 //!   another node, since every node builds the same table), while one client's connections
@@ -207,6 +215,8 @@ pub struct Candidate {
     pub port: u16,
     /// Weight (0 means never chosen by weighted algorithms).
     pub weight: u16,
+    /// Whether the backend runs on this node (decides masquerading for external frontends).
+    pub local: bool,
 }
 
 /// What a new flow offers to hash on.
@@ -246,6 +256,12 @@ impl ConnCounts {
             a.fetch_add(1, Ordering::Relaxed);
         }
     }
+    /// Starts loading the counter of `id` (a flow to or from it is about to be created or
+    /// removed).
+    #[inline(always)]
+    pub fn prefetch(&self, id: BackendId) {
+        crate::mem::prefetch(self.active.as_ptr().wrapping_add(id as usize));
+    }
     /// One fewer connection to `id` (saturating at 0).
     #[inline]
     pub fn dec(&self, id: BackendId) {
@@ -255,7 +271,8 @@ impl ConnCounts {
     }
 }
 
-/// A small fast PRNG (xorshift64*), one per worker.
+/// A small fast PRNG (xorshift64*), for tests and benchmarks that need reproducible draws (the
+/// schedulers themselves draw nothing: random picks by the 5-tuple hash).
 #[derive(Clone, Debug)]
 pub struct FastRng(u64);
 
@@ -362,31 +379,57 @@ impl Scheduler {
     /// none (or none with a usable weight).
     ///
     /// `candidates` must be the slice given to `new` (the lc family reads weights and ids from
-    /// it; the other algorithms only bound-check against it). `key` is used by sh (`src_ip`),
-    /// dh (`dst_ip`) and Maglev (`flow_hash`); `conns` by the lc family; `rng` by random.
+    /// it; the other algorithms only bound-check against it). `key` is used by random and
+    /// Maglev (`flow_hash`), sh (`src_ip`) and dh (`dst_ip`); `conns` by the lc family.
     #[inline]
-    pub fn pick(
-        &self,
-        candidates: &[Candidate],
-        key: &PickKey,
-        conns: &ConnCounts,
-        rng: &mut FastRng,
-    ) -> Option<u16> {
-        self.select(candidates, key, conns, rng, true)
+    pub fn pick(&self, candidates: &[Candidate], key: &PickKey, conns: &ConnCounts) -> Option<u16> {
+        self.select(candidates, key, conns, true)
     }
 
     /// What [`Scheduler::pick`] would return now, without its side effects: the round-robin
-    /// position does not move (the next connection gets this answer), and random draws from a
-    /// copy of `rng` (the answer is the one the worker's next draw would give). For the
-    /// inspect CLI's flow query.
-    pub fn peek(
-        &self,
-        candidates: &[Candidate],
-        key: &PickKey,
-        conns: &ConnCounts,
-        rng: &FastRng,
-    ) -> Option<u16> {
-        self.select(candidates, key, conns, &mut rng.clone(), false)
+    /// position does not move (the next connection gets this answer). For the inspect CLI's
+    /// flow query.
+    pub fn peek(&self, candidates: &[Candidate], key: &PickKey, conns: &ConnCounts) -> Option<u16> {
+        self.select(candidates, key, conns, false)
+    }
+
+    /// Whether [`Scheduler::pick`] is a pure function of its key and the candidates (random,
+    /// sh, dh, Maglev): no cursor, no connection counts. The batch pipeline then picks ahead of
+    /// time to prefetch what the new flow will touch.
+    #[inline]
+    pub fn pick_is_pure(&self) -> bool {
+        matches!(
+            self.algorithm,
+            Algorithm::Random
+                | Algorithm::SourceHash
+                | Algorithm::DestinationHash
+                | Algorithm::Maglev
+        )
+    }
+
+    /// Starts loading what a pick for `key` will read: for random over candidates that all
+    /// have a weight (kube-proxy's case: the table is the identity and is skipped), the one
+    /// candidate it picks; otherwise the table (Maglev: the one entry `key` selects; the others
+    /// when small) and the candidates (up to 1 KiB).
+    #[inline(always)]
+    pub fn prefetch(&self, candidates: &[Candidate], key: &PickKey) {
+        let (t, len) = (self.table.as_ptr(), self.table.len());
+        match self.algorithm {
+            Algorithm::Random if len == self.n as usize && len > 0 => {
+                let i = hash_below(key.flow_hash, self.n) as usize;
+                crate::mem::prefetch(candidates.as_ptr().wrapping_add(i));
+                return;
+            }
+            Algorithm::Maglev if len > 0 => {
+                crate::mem::prefetch(t.wrapping_add((key.flow_hash % len as u64) as usize))
+            }
+            _ if len > 0 && len <= 32 => {
+                crate::mem::prefetch(t);
+                crate::mem::prefetch(t.wrapping_add(len - 1));
+            }
+            _ => {}
+        }
+        crate::mem::prefetch_bytes(candidates.as_ptr(), size_of_val(candidates));
     }
 
     #[inline(always)]
@@ -395,7 +438,6 @@ impl Scheduler {
         candidates: &[Candidate],
         key: &PickKey,
         conns: &ConnCounts,
-        rng: &mut FastRng,
         advance: bool,
     ) -> Option<u16> {
         debug_assert_eq!(
@@ -409,7 +451,13 @@ impl Scheduler {
                 if len == 0 {
                     return None;
                 }
-                self.table[rng.below(len) as usize]
+                let i = hash_below(key.flow_hash, len);
+                // Every candidate has a weight: the table is the identity, not read.
+                if len == self.n {
+                    i as u16
+                } else {
+                    self.table[i as usize]
+                }
             }
             Algorithm::RoundRobin | Algorithm::WeightedRoundRobin => {
                 let len = self.table.len() as u64;
@@ -440,6 +488,14 @@ impl Scheduler {
         // Cheap guard against a caller passing a different slice than `new` got.
         (usize::from(index) < candidates.len()).then_some(index)
     }
+}
+
+/// Uniform in `0..n` (n > 0) from a 64-bit hash: the hash is mixed (so its bits that chose the
+/// flow's conntrack buckets do not decide alone), then Lemire's multiply-shift.
+#[inline(always)]
+fn hash_below(h: u64, n: u32) -> u32 {
+    let x = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (((x >> 32) * u64::from(n)) >> 32) as u32
 }
 
 /// The candidates of weight > 0 with their indices, in order.
@@ -586,6 +642,7 @@ mod tests {
                 ip: 0x0a00_0001 + i as u32,
                 port: 80,
                 weight,
+                local: true,
             })
             .collect()
     }
@@ -604,13 +661,18 @@ mod tests {
     fn pick_one(alg: Algorithm, weights: &[u16], active: &[u32]) -> Option<u16> {
         let c = cands(weights);
         let s = Scheduler::new(alg, &c, 0);
-        s.pick(&c, &PickKey::default(), &conns(active), &mut FastRng::new(1))
+        s.pick(&c, &PickKey::default(), &conns(active))
     }
 
-    /// `count` successive picks with a default key.
+    /// `count` successive picks for as many flows: fixed addresses, random 5-tuple hashes.
     fn picks(s: &Scheduler, c: &[Candidate], count: usize) -> Vec<u16> {
         let (counts, mut rng) = (ConnCounts::new(c.len() + 1), FastRng::new(7));
-        (0..count).map(|_| s.pick(c, &PickKey::default(), &counts, &mut rng).unwrap()).collect()
+        (0..count)
+            .map(|_| {
+                let key = PickKey { flow_hash: rng.next_u64(), ..PickKey::default() };
+                s.pick(c, &key, &counts).unwrap()
+            })
+            .collect()
     }
 
     fn histogram(picks: impl IntoIterator<Item = u16>, n: usize) -> Vec<usize> {
@@ -663,14 +725,56 @@ mod tests {
     }
 
     #[test]
-    fn random_with_equal_weights_is_exactly_rng_below() {
+    fn random_is_a_function_of_the_flow_hash_alone() {
         let c = cands(&[1; 7]);
         let s = Scheduler::new(Algorithm::Random, &c, 0);
-        let mut expected = FastRng::new(42);
-        let (counts, mut rng) = (ConnCounts::new(8), FastRng::new(42));
+        assert!(s.pick_is_pure());
+        let counts = ConnCounts::new(8);
+        let mut rng = FastRng::new(42);
         for _ in 0..1000 {
-            let want = expected.below(7) as u16;
-            assert_eq!(s.pick(&c, &PickKey::default(), &counts, &mut rng), Some(want));
+            let flow_hash = rng.next_u64();
+            let key = PickKey { src_ip: 0x0a80_0001, dst_ip: 0x0a60_0001, flow_hash };
+            let want = hash_below(flow_hash, 7) as u16;
+            assert_eq!(s.pick(&c, &key, &counts), Some(want));
+            // The addresses, the connection counts and earlier picks do not matter.
+            counts.inc(c[usize::from(want)].id);
+            let other = PickKey { src_ip: 1, dst_ip: 2, flow_hash };
+            assert_eq!(s.pick(&c, &other, &counts), Some(want));
+            assert_eq!(s.peek(&c, &other, &counts), Some(want));
+        }
+        for a in Algorithm::ALL {
+            let pure = matches!(
+                a,
+                Algorithm::Random
+                    | Algorithm::SourceHash
+                    | Algorithm::DestinationHash
+                    | Algorithm::Maglev
+            );
+            assert_eq!(Scheduler::new(a, &c, 0).pick_is_pure(), pure, "{a}");
+        }
+    }
+
+    #[test]
+    fn random_is_uniform_over_sequential_and_structured_hashes() {
+        // However the hashes are laid out (sequential, or differing only in the bits that
+        // chose the conntrack buckets, or only above them), the picks spread evenly.
+        let c = cands(&[1; 10]);
+        let s = Scheduler::new(Algorithm::Random, &c, 0);
+        let counts = ConnCounts::new(11);
+        let n = 100_000u64;
+        let layouts: [fn(u64) -> u64; 3] = [|i| i, |i| i << 32, |i| (i << 48) | 0x1234_5678];
+        for layout in layouts {
+            let h = histogram(
+                (0..n).map(|i| {
+                    let key = PickKey { flow_hash: layout(i), ..PickKey::default() };
+                    s.pick(&c, &key, &counts).unwrap()
+                }),
+                10,
+            );
+            let expected = n as f64 / 10.0;
+            let chi2: f64 = h.iter().map(|&x| (x as f64 - expected).powi(2) / expected).sum();
+            // 9 degrees of freedom: p = 0.001 at 27.88.
+            assert!(chi2 < 27.88, "chi-square {chi2}, histogram {h:?}");
         }
     }
 
@@ -801,9 +905,9 @@ mod tests {
                 weights.iter().map(|&w| u64::from(w) / g).sum()
             };
             let count = 3 * period as usize + 5;
-            let (counts, mut rng) = (ConnCounts::new(c.len() + 1), FastRng::new(1));
+            let counts = ConnCounts::new(c.len() + 1);
             let ours: Vec<Option<u16>> = (0..count)
-                .map(|_| s.pick(&c, &PickKey::default(), &counts, &mut rng))
+                .map(|_| s.pick(&c, &PickKey::default(), &counts))
                 .collect();
             prop_assert_eq!(ours, ipvs_wrr(&weights, count));
         }
@@ -823,18 +927,17 @@ mod tests {
         let c = cands(&[1, 1, 1]);
         let s = Scheduler::new(Algorithm::LeastConnection, &c, 0);
         let counts = ConnCounts::new(4);
-        let mut rng = FastRng::new(1);
         let key = PickKey::default();
         // Each new flow is counted on its backend, so lc deals them out in turn.
         let mut got = Vec::new();
         for _ in 0..6 {
-            let i = s.pick(&c, &key, &counts, &mut rng).unwrap();
+            let i = s.pick(&c, &key, &counts).unwrap();
             counts.inc(c[usize::from(i)].id);
             got.push(i);
         }
         assert_eq!(got, [0, 1, 2, 0, 1, 2]);
         counts.dec(c[2].id);
-        assert_eq!(s.pick(&c, &key, &counts, &mut rng), Some(2));
+        assert_eq!(s.pick(&c, &key, &counts), Some(2));
     }
 
     #[test]
@@ -898,7 +1001,7 @@ mod tests {
     fn hash_shares(alg: Algorithm, weights: &[u16]) -> Vec<f64> {
         let c = cands(weights);
         let s = Scheduler::new(alg, &c, 0);
-        let (counts, mut rng) = (ConnCounts::new(c.len() + 1), FastRng::new(3));
+        let counts = ConnCounts::new(c.len() + 1);
         let n = 60_000u32;
         let mut h = vec![0usize; c.len()];
         for a in 0..n {
@@ -909,14 +1012,14 @@ mod tests {
                 }
                 _ => PickKey { src_ip: 0x0a60_0001, dst_ip: addr, flow_hash: 0 },
             };
-            let first = s.pick(&c, &key, &counts, &mut rng).unwrap();
+            let first = s.pick(&c, &key, &counts).unwrap();
             // Same address, any other field: same backend.
             let again = PickKey { flow_hash: u64::from(a) * 7919, ..key };
             let other = match alg {
                 Algorithm::SourceHash => PickKey { dst_ip: 1, ..again },
                 _ => PickKey { src_ip: 1, ..again },
             };
-            assert_eq!(s.pick(&c, &other, &counts, &mut rng), Some(first));
+            assert_eq!(s.pick(&c, &other, &counts), Some(first));
             h[usize::from(first)] += 1;
         }
         h.iter().map(|&x| x as f64 / f64::from(n)).collect()
@@ -949,15 +1052,15 @@ mod tests {
         let c = cands(&[1, 1, 0, 1, 1]);
         let s = Scheduler::new(Algorithm::Maglev, &c, 0);
         assert_eq!(s.maglev_table().map(<[u16]>::len), Some(65_537));
-        let (counts, mut rng) = (ConnCounts::new(6), FastRng::new(5));
+        let counts = ConnCounts::new(6);
         let mut h = [0usize; 5];
         for f in 0..40_000u64 {
             let flow_hash = f.wrapping_mul(0x9e37_79b9_7f4a_7c15);
             let key = PickKey { src_ip: 0x0a80_0001, dst_ip: 0x0a60_0001, flow_hash };
-            let i = s.pick(&c, &key, &counts, &mut rng).unwrap();
+            let i = s.pick(&c, &key, &counts).unwrap();
             // The addresses do not matter, only the 5-tuple hash.
             let other = PickKey { src_ip: f as u32, dst_ip: 9, flow_hash };
-            assert_eq!(s.pick(&c, &other, &counts, &mut rng), Some(i));
+            assert_eq!(s.pick(&c, &other, &counts), Some(i));
             assert_eq!(i, s.maglev_table().unwrap()[(flow_hash % 65_537) as usize]);
             h[usize::from(i)] += 1;
         }

@@ -38,7 +38,11 @@
 //!   million flows they span about 150 MB, and on 4 KiB pages every random access would also
 //!   miss the TLB.
 //! - [`Conntrack::prefetch_buckets`] and [`Conntrack::prefetch_flow`] let the batch pipeline
-//!   start the cache misses of a whole batch before it processes any packet.
+//!   start the cache misses of a whole batch before it processes any packet;
+//!   [`Conntrack::prefetch_eviction`] chooses a new key's victim ahead and starts loading what
+//!   evicting it writes. The insert uses that choice only if it provably still holds (a change
+//!   counter per bucket, and the victim's age; see [`VictimHint`]), so the result is the
+//!   insert's own choice either way.
 //! - Expiry is lazy (a lookup that finds an expired flow removes it) plus an incremental sweep
 //!   ([`Conntrack::gc`]) that the I/O loop runs with a small budget, so connection counts used by
 //!   the least-connection schedulers drop back when flows end.
@@ -416,9 +420,26 @@ pub struct CtStats {
 struct Bucket {
     /// `slab index + 1` (0 = empty), with [`REPLY_BIT`] for a reply-direction key.
     vals: [u32; WAYS],
-    /// Tag of each slot's key, 0 when empty (a key's tag is never 0). Two spare entries pad the
-    /// bucket to 64 bytes and stay 0.
+    /// Tag of each slot's key, 0 when empty (a key's tag is never 0). Two more entries pad the
+    /// bucket to 64 bytes: the first ([`VERSION`]) counts the bucket's changes (wrapping), so a
+    /// victim chosen ahead ([`VictimHint`]) can be checked still to be the choice; tag
+    /// comparisons ignore both.
     tags: [u16; 12],
+}
+
+/// Index in [`Bucket::tags`] of the bucket's change counter.
+const VERSION: usize = WAYS;
+
+/// An eviction victim chosen ahead of the insert ([`Conntrack::prefetch_eviction`]), with what
+/// the choice depended on. It is still the choice while both buckets of the new key are
+/// unchanged (so the same flows are sampled) and the victim's age is unchanged: within one
+/// `now`, ages only grow (a packet makes a flow younger, nothing makes one older), so the other
+/// sampled flows cannot have become older than it.
+#[derive(Clone, Copy, Debug)]
+pub struct VictimHint {
+    victim: u32,
+    age: u64,
+    versions: [u16; 2],
 }
 
 // SAFETY: all fields are integers; all-zero is an empty bucket.
@@ -546,6 +567,33 @@ impl Conntrack {
     /// A table for `capacity` flows (at least 16, at most 2^27). Backend connection counts are
     /// kept in `conns`: incremented on insert, decremented when a flow leaves.
     pub fn new(capacity: usize, timeouts: Timeouts, conns: Arc<ConnCounts>) -> Self {
+        Self::with_hasher(capacity, timeouts, conns, RandomState::new())
+    }
+
+    /// [`Conntrack::new`] with a fixed hash seed, for tests that compare two tables: the
+    /// bucket layout and the flow hash (so random and Maglev picks) are then the same in both.
+    /// A fixed seed lets a sender aim collisions; the packet path uses [`Conntrack::new`].
+    pub fn with_seed(
+        capacity: usize,
+        timeouts: Timeouts,
+        conns: Arc<ConnCounts>,
+        seed: u64,
+    ) -> Self {
+        let k = |i: u64| seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(i);
+        Self::with_hasher(
+            capacity,
+            timeouts,
+            conns,
+            RandomState::with_seeds(k(1), k(2), k(3), k(4)),
+        )
+    }
+
+    fn with_hasher(
+        capacity: usize,
+        timeouts: Timeouts,
+        conns: Arc<ConnCounts>,
+        hasher: RandomState,
+    ) -> Self {
         let capacity = capacity.clamp(16, MAX_CAPACITY);
         let conns_capacity = conns.capacity();
         // Two keys per flow at a load factor of at most 0.8.
@@ -557,7 +605,7 @@ impl Conntrack {
             bucket_mask: buckets - 1,
             flows: HugeArray::zeroed(capacity),
             free,
-            hasher: RandomState::new(),
+            hasher,
             conns,
             timeouts_ns: TimeoutsNs::new(&timeouts),
             timeouts,
@@ -654,14 +702,45 @@ impl Conntrack {
             }
         }
         if !hit && self.free.is_empty() {
-            // Both lines: the victim's record is rewritten whole for the new flow.
-            self.sample_victims(h, |fi| {
-                let e = base.wrapping_add(fi as usize);
-                prefetch(e);
-                prefetch(e.cast::<u8>().wrapping_add(64));
-            });
+            // The first lines, which hold what the victim choice compares; the chosen one's
+            // second line follows in `prefetch_eviction`.
+            self.sample_victims(h, |fi| prefetch(base.wrapping_add(fi as usize)));
         }
         hit
+    }
+
+    /// For a key of hash `h` about to be inserted when the slab is full: picks the victim the
+    /// insert would evict (reading the first lines [`Conntrack::prefetch_flow`] loaded) and
+    /// starts loading what evicting it writes: the rest of its record (rewritten whole for the
+    /// new flow), the index lines of its two keys (one is usually elsewhere in the table), its
+    /// backend's retired-traffic counters and connection count. A third pass over a batch.
+    /// Returns the choice for [`Conntrack::insert_hashed`], which checks that it still holds
+    /// (earlier inserts of the same batch may change it) before using it.
+    #[inline(always)]
+    pub fn prefetch_eviction(&self, h: u64, now: u64) -> Option<VictimHint> {
+        if !self.free.is_empty() {
+            return None;
+        }
+        let fi = self.victim_near(h, now)?;
+        let hint = VictimHint { victim: fi, age: self.age(fi, now), versions: self.versions(h) };
+        let e = &self.flows[fi as usize];
+        prefetch((e as *const Entry).cast::<u8>().wrapping_add(64));
+        let f = &e.0;
+        let base = self.index.as_ptr();
+        for s in f.slots {
+            prefetch(base.wrapping_add((s >> 4) as usize));
+        }
+        if f.backend != 0 {
+            self.retired.prefetch(f.backend);
+            self.conns.prefetch(f.backend);
+        }
+        Some(hint)
+    }
+
+    /// The change counters of the two buckets of hash `h`.
+    #[inline(always)]
+    fn versions(&self, h: u64) -> [u16; 2] {
+        self.buckets(h).map(|b| self.index[b].tags[VERSION])
     }
 
     /// Finds a live flow by either of its keys. An expired flow found here is removed.
@@ -762,16 +841,39 @@ impl Conntrack {
     /// [`Conntrack::insert`] with the hashes of the flow's orig and reply keys already computed.
     pub fn insert_hashed(
         &mut self,
-        mut flow: Flow,
+        flow: Flow,
         h_orig: u64,
         h_reply: u64,
         flags: u8,
         now: u64,
     ) -> u32 {
+        self.insert_hinted(flow, h_orig, h_reply, flags, now, None)
+    }
+
+    /// [`Conntrack::insert_hashed`] with the victim [`Conntrack::prefetch_eviction`] chose for
+    /// this key at this `now`, used if it still holds (else chosen again).
+    pub fn insert_hinted(
+        &mut self,
+        mut flow: Flow,
+        h_orig: u64,
+        h_reply: u64,
+        flags: u8,
+        now: u64,
+        hint: Option<VictimHint>,
+    ) -> u32 {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
-                let v = self.victim_near(h_orig, now).unwrap_or_else(|| self.slab_victim(now));
+                let v = match hint {
+                    Some(hn)
+                        if hn.versions == self.versions(h_orig)
+                            && self.age(hn.victim, now) == hn.age =>
+                    {
+                        debug_assert_eq!(Some(hn.victim), self.victim_near(h_orig, now));
+                        hn.victim
+                    }
+                    _ => self.victim_near(h_orig, now).unwrap_or_else(|| self.slab_victim(now)),
+                };
                 self.evict(v, now);
                 self.free.pop().expect("evicting a flow frees its slab entry")
             }
@@ -818,6 +920,7 @@ impl Conntrack {
         let bk = &mut self.index[b];
         bk.vals[w] = val;
         bk.tags[w] = tag;
+        bk.tags[VERSION] = bk.tags[VERSION].wrapping_add(1);
         let d = usize::from(val & REPLY_BIT != 0);
         self.flows[slab_index(val) as usize].0.slots[d] = slot_pos(b, w);
     }
@@ -848,8 +951,10 @@ impl Conntrack {
                 let free = self.index[alt].free();
                 if alt != b && free != 0 {
                     let tag = self.index[b].tags[w];
-                    self.index[b].vals[w] = 0;
-                    self.index[b].tags[w] = 0;
+                    let bk = &mut self.index[b];
+                    bk.vals[w] = 0;
+                    bk.tags[w] = 0;
+                    bk.tags[VERSION] = bk.tags[VERSION].wrapping_add(1);
                     self.put(alt, free, v, tag);
                     return b;
                 }
@@ -981,6 +1086,7 @@ impl Conntrack {
             // Blind stores: the line is often not in cache, and a store miss does not stall.
             bk.vals[w] = 0;
             bk.tags[w] = 0;
+            bk.tags[VERSION] = bk.tags[VERSION].wrapping_add(1);
         }
         if backend != 0 {
             self.conns.dec(backend);
@@ -1030,7 +1136,7 @@ impl Conntrack {
         let mut keys = 0;
         for b in 0..self.index.len() {
             let bk = &self.index[b];
-            assert_eq!(bk.tags[WAYS..], [0, 0]);
+            assert_eq!(bk.tags[VERSION + 1], 0, "the last tag is padding");
             for w in 0..WAYS {
                 let v = bk.vals[w];
                 if v == 0 {
@@ -1262,6 +1368,42 @@ mod tests {
         // flow was refreshed (about one eviction in 16 at first, with four flows sampled).
         let refreshed_gone = (512..1024u32).filter(|&n| ct.lookup(&key(n), 2 * S).is_none());
         assert!(refreshed_gone.count() < 15);
+        ct.check();
+    }
+
+    #[test]
+    fn a_victim_chosen_ahead_is_used_only_while_it_holds() {
+        let mut ct = table(256);
+        for n in 0..256u32 {
+            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, u64::from(n) * S);
+        }
+        let now = 1000 * S;
+        let insert = |ct: &mut Conntrack, n: u32, hint| {
+            let (h, hr) = (ct.hash(&key(n)), ct.hash(&reply(n)));
+            ct.insert_hinted(Flow::new(key(n), reply(n), 1, 3, 0), h, hr, 0, now, hint)
+        };
+        // Unchanged: the hint's victim is the one evicted.
+        let hint = ct.prefetch_eviction(ct.hash(&key(500)), now).unwrap();
+        assert_eq!(insert(&mut ct, 500, Some(hint)), hint.victim);
+        // The victim saw a packet since: it is younger than the others sampled, and another
+        // flow goes (the insert's own choice, which the debug assertion compares).
+        let mut moved = 0;
+        for n in 600..700u32 {
+            let hint = ct.prefetch_eviction(ct.hash(&key(n)), now).unwrap();
+            ct.on_packet(hint.victim, Dir::Orig, tcp_flags::ACK, now);
+            if insert(&mut ct, n, Some(hint)) != hint.victim {
+                moved += 1;
+            }
+        }
+        // (Not always: flows inserted at `now` above are as young as a refreshed victim, and
+        // ties go to the first sampled.)
+        assert!(moved > 50, "{moved} of 100 stale hints not used");
+        // A bucket changed since (here by inserting the same key's neighbour): chosen again.
+        let hint = ct.prefetch_eviction(ct.hash(&key(800)), now).unwrap();
+        let other = insert(&mut ct, 801, None);
+        let got = insert(&mut ct, 800, Some(hint));
+        assert!(other != hint.victim || got != hint.victim);
+        assert_eq!(ct.len(), 256);
         ct.check();
     }
 

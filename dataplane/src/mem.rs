@@ -192,6 +192,19 @@ pub fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// [`prefetch`] for every line of the `len` bytes from `p`, at most 1 KiB.
+#[inline(always)]
+pub fn prefetch_bytes<T>(p: *const T, len: usize) {
+    let p = p.cast::<u8>();
+    for off in (0..len.min(1024)).step_by(64) {
+        prefetch(p.wrapping_add(off));
+    }
+    if len > 0 {
+        // The last line, when `p` is not line-aligned.
+        prefetch(p.wrapping_add(len.min(1024) - 1));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

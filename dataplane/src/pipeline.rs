@@ -3,7 +3,7 @@
 //! [`process_batch`] owns no I/O. The AF_XDP workers call it on frames in UMEM; tests, fixtures,
 //! fuzzing and benchmarks call it on frames in ordinary buffers. It reads one [`Tables`]
 //! generation for the whole batch (the caller loads it once per batch) and mutates only the
-//! worker's own state (conntrack, fragment table, counters, RNG) plus the shared affinity table
+//! worker's own state (conntrack, fragment table, counters) plus the shared affinity table
 //! and backend connection counts, which it touches only when a flow is created or ends.
 //!
 //! Per frame, in order:
@@ -30,8 +30,10 @@
 use std::sync::Arc;
 
 use crate::affinity::AffinityTable;
-use crate::balance::{Candidate, ConnCounts, FastRng, PickKey};
-use crate::conntrack::{Conntrack, Dir, Flow, FlowKey, Timeouts, HOP_NONE, HOP_UNRESOLVED};
+use crate::balance::{Candidate, ConnCounts, PickKey};
+use crate::conntrack::{
+    Conntrack, Dir, Flow, FlowKey, Timeouts, VictimHint, HOP_NONE, HOP_UNRESOLVED,
+};
 use crate::counters::{Counters, DropReason, PassReason};
 use crate::frag::FragTable;
 use crate::mem::prefetch;
@@ -92,8 +94,6 @@ pub struct WorkerConfig {
     pub timeouts: Timeouts,
     /// Fragment table capacity in datagrams.
     pub frag_capacity: usize,
-    /// RNG seed.
-    pub seed: u64,
 }
 
 impl Default for WorkerConfig {
@@ -104,7 +104,6 @@ impl Default for WorkerConfig {
             conntrack_capacity: 1 << 18,
             timeouts: Timeouts::default(),
             frag_capacity: 4096,
-            seed: 0x5eed,
         }
     }
 }
@@ -137,7 +136,6 @@ pub struct WorkerState {
     pub counters: Counters,
     affinity: Arc<AffinityTable>,
     conns: Arc<ConnCounts>,
-    rng: FastRng,
     worker_id: u16,
     workers: u16,
     /// Set while processing frames another worker handed over: they are this worker's, so
@@ -154,7 +152,6 @@ impl WorkerState {
             counters: Counters::default(),
             affinity: shared.affinity.clone(),
             conns: shared.conns.clone(),
-            rng: FastRng::new(cfg.seed ^ (u64::from(cfg.worker_id) << 32)),
             worker_id: cfg.worker_id,
             workers: cfg.workers.max(1),
             local_only: false,
@@ -180,10 +177,20 @@ const CHUNK: usize = 64;
 /// the cache misses of the whole chunk overlap instead of being paid one after the other:
 /// 1. parse each frame, hash its 5-tuple and prefetch the key's two conntrack index lines;
 /// 2. read the tags in those lines and prefetch the flow records they point at; a key with no
-///    matching tag is not in conntrack (most likely a new flow): look its frontend up now and
-///    prefetch the service port it leads to, then (2b) that service's candidate and backend
-///    arrays;
-/// 3. process each frame in order, reusing the parse, the hash and the frontend.
+///    matching tag is not in conntrack (most likely a new flow): prefetch its frontend slot
+///    (and, the table being full, the first lines of the flows an insert would choose its
+///    victim from); then, only when the chunk has such keys:
+///    - 2a: look their frontends up and prefetch the first line of the service ports they
+///      lead to;
+///
+///    and only when the chunk has new flows:
+///    - 2b: prefetch what the services' schedulers will read (for random, just the candidate
+///      it will pick; see [`crate::balance::Scheduler::prefetch`]);
+///    - 2c: choose the eviction victim and prefetch what evicting it writes; where the
+///      scheduler's pick is a pure function of the packet (random, sh, dh, Maglev, without
+///      session affinity), pick now, hash the reply key the new flow would have and prefetch
+///      its conntrack index lines (checked for a clash) and the backend's connection count;
+/// 3. process each frame in order, reusing the parse, the hash, the frontend and the pick.
 ///
 /// The early passes read the frames and the tables but change nothing (and the tables do not
 /// change during a batch), so the result is the same as processing the frames one by one.
@@ -208,6 +215,28 @@ struct Pre {
     key: Option<(FlowKey, u64)>,
     /// The frontend lookup of the tuple, when pass 2 did it.
     fe: Option<Option<Frontend>>,
+    /// What pass 2c decided ahead for a new flow.
+    ahead: Ahead,
+}
+
+/// What pass 2c decided ahead for a new flow ([`pick_ahead`]).
+#[derive(Clone, Copy, Default)]
+struct Ahead {
+    /// The backend, for a service whose scheduler is pure and has no session affinity.
+    pick: Option<Pick>,
+    /// The flow conntrack would evict for it (checked by the insert before use).
+    victim: Option<VictimHint>,
+}
+
+/// A new flow's backend picked ahead: the same answer [`choose`] gives in pass 3, since the
+/// tables do not change during a batch.
+#[derive(Clone, Copy)]
+struct Pick {
+    /// Index into the service's candidates.
+    ci: u16,
+    /// The conntrack hash of the reply key without source NAT (`direct_reply`); 0 when the
+    /// flow is source-NATed anyway.
+    h_direct: u64,
 }
 
 #[inline]
@@ -219,7 +248,12 @@ fn process_chunk(
     now: u64,
 ) {
     debug_assert!(frames.len() <= CHUNK && frames.len() == verdicts.len());
-    let mut pre = [Pre { parsed: Parsed::EthTruncated, key: None, fe: None }; CHUNK];
+    let mut pre = [Pre {
+        parsed: Parsed::EthTruncated,
+        key: None,
+        fe: None,
+        ahead: Ahead { pick: None, victim: None },
+    }; CHUNK];
     for (f, p) in frames.iter_mut().zip(pre.iter_mut()) {
         let len = f.len.min(f.buf.len());
         f.len = len;
@@ -247,13 +281,25 @@ fn process_chunk(
         w.ct.prefetch_buckets(h);
         p.key = Some((key, h));
     }
-    let mut new_flows = false;
+    let mut misses = false;
     for p in &mut pre[..frames.len()] {
         if let Some((key, h)) = p.key {
             if !w.ct.prefetch_flow(h) {
+                tables.prefetch_frontend(&frontend_key(&key));
+                // Looked up in the next pass.
+                p.fe = Some(None);
+                misses = true;
+            }
+        }
+    }
+    let mut new_flows = false;
+    if misses {
+        for p in &mut pre[..frames.len()] {
+            if let (Some((key, _)), Some(_)) = (p.key, p.fe) {
                 let fe = tables.frontend(&frontend_key(&key)).copied();
                 if let Some(svc) = fe.and_then(|fe| tables.service_arc(fe.service)) {
-                    prefetch_bytes(Arc::as_ptr(svc), std::mem::size_of::<ServicePort>());
+                    // What a new flow reads of it is its first line.
+                    prefetch(Arc::as_ptr(svc));
                     new_flows = true;
                 }
                 p.fe = Some(fe);
@@ -262,9 +308,16 @@ fn process_chunk(
     }
     if new_flows {
         for p in &pre[..frames.len()] {
-            if let Some(svc) = p.fe.flatten().and_then(|fe| tables.service(fe.service)) {
-                prefetch_bytes(svc.candidates().as_ptr(), size_of_val(svc.candidates()));
-                prefetch_bytes(svc.backends().as_ptr(), size_of_val(svc.backends()));
+            if let (Some((_, h)), Some(svc)) =
+                (p.key, p.fe.flatten().and_then(|fe| tables.service(fe.service)))
+            {
+                let pk = PickKey { flow_hash: h, ..PickKey::default() };
+                svc.scheduler().prefetch(svc.candidates(), &pk);
+            }
+        }
+        for p in &mut pre[..frames.len()] {
+            if let (Some((key, h)), Some(Some(fe))) = (p.key, p.fe) {
+                p.ahead = pick_ahead(tables, w, &key, h, &fe, now);
             }
         }
     }
@@ -300,7 +353,7 @@ fn process_one(f: &mut Frame<'_>, p: &Pre, t: &Tables, w: &mut WorkerState, now:
         return Verdict::Pass(PassReason::TtlExpired);
     }
     match (o.proto, p.key) {
-        (IPPROTO_TCP | IPPROTO_UDP, Some((key, h))) => l4(f, &o, t, w, now, key, h, p.fe),
+        (IPPROTO_TCP | IPPROTO_UDP, Some((key, h))) => l4(f, &o, t, w, now, key, h, p.fe, p.ahead),
         (IPPROTO_TCP | IPPROTO_UDP, None) => later_fragment(f, &o, t, w, now),
         (IPPROTO_ICMP, _) if !o.fragment => icmp(f, &o, t, w, now),
         _ => {
@@ -328,19 +381,6 @@ fn tuple(b: &[u8], o: &Offsets) -> FlowKey {
     }
 }
 
-/// Prefetches the lines of `len` bytes from `p`, at most 1 KiB.
-#[inline(always)]
-fn prefetch_bytes<T>(p: *const T, len: usize) {
-    let p = p.cast::<u8>();
-    for off in (0..len.min(1024)).step_by(64) {
-        prefetch(p.wrapping_add(off));
-    }
-    if len > 0 {
-        // The last line, when `p` is not line-aligned.
-        prefetch(p.wrapping_add(len.min(1024) - 1));
-    }
-}
-
 /// The frontend key a tuple would match.
 #[inline(always)]
 fn frontend_key(key: &FlowKey) -> FrontendKey {
@@ -348,7 +388,7 @@ fn frontend_key(key: &FlowKey) -> FrontendKey {
 }
 
 /// A TCP or UDP datagram with its L4 header; `key` is its tuple, `h` the tuple's conntrack hash,
-/// `fe` its frontend if already looked up.
+/// `fe` its frontend if already looked up, `ahead` its backend if already picked.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn l4(
@@ -360,6 +400,7 @@ fn l4(
     key: FlowKey,
     h: u64,
     fe: Option<Option<Frontend>>,
+    ahead: Ahead,
 ) -> Verdict {
     if o.fragment {
         let id = ip::id(f.buf, o.l3);
@@ -383,7 +424,7 @@ fn l4(
         }
     }
     if let Some(fe) = fe {
-        return new_flow(f, o, t, w, now, key, h, fe, flags);
+        return new_flow(f, o, t, w, now, key, h, fe, flags, ahead);
     }
     if t.is_vip(key.dst) {
         return Verdict::Drop(DropReason::VipNoPort);
@@ -522,7 +563,7 @@ fn refresh_flow(
                     t.frontend(&FrontendKey { ip: key.dst, port: key.dport, proto: key.proto })
                 {
                     w.counters.udp_rebalanced += 1;
-                    return Err(new_flow(f, o, t, w, now, key, h, *fe, flags));
+                    return Err(new_flow(f, o, t, w, now, key, h, *fe, flags, Ahead::default()));
                 }
             }
             let reason =
@@ -540,6 +581,56 @@ fn refresh_flow(
     Ok(())
 }
 
+/// Pass 2c's part of a new flow: when the service's scheduler is pure and there is no session
+/// affinity, picks the backend now and starts loading the reply key's conntrack lines and the
+/// backend's connection count; in any case starts loading what evicting a flow for it writes.
+/// A frame another worker owns gets nothing (it is handed over in pass 3).
+#[inline(always)]
+fn pick_ahead(
+    t: &Tables,
+    w: &WorkerState,
+    key: &FlowKey,
+    h: u64,
+    fe: &Frontend,
+    now: u64,
+) -> Ahead {
+    if w.workers > 1 && !w.local_only && owner_of(t, key.src, key.sport, w.workers) != w.worker_id {
+        return Ahead::default();
+    }
+    let victim = w.ct.prefetch_eviction(h, now);
+    Ahead { pick: pick_now(t, w, key, h, fe), victim }
+}
+
+/// [`pick_ahead`]'s pick, with its prefetches.
+#[inline(always)]
+fn pick_now(t: &Tables, w: &WorkerState, key: &FlowKey, h: u64, fe: &Frontend) -> Option<Pick> {
+    let svc = t.service(fe.service)?;
+    if svc.affinity_timeout_s().is_some() || !svc.scheduler().pick_is_pure() {
+        return None;
+    }
+    let pk = PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: h };
+    let ci = svc.scheduler().pick(svc.candidates(), &pk, &w.conns)?;
+    let cand = svc.candidates()[usize::from(ci)];
+    w.conns.prefetch(cand.id);
+    let h_direct = if needs_snat(fe, &cand, key) {
+        0
+    } else {
+        let hr = w.ct.hash(&direct_reply(key, &cand));
+        w.ct.prefetch_buckets(hr);
+        hr
+    };
+    Some(Pick { ci, h_direct })
+}
+
+/// The reply key of a flow to `cand` without source NAT: the backend answering the client.
+#[inline(always)]
+fn direct_reply(key: &FlowKey, cand: &Candidate) -> FlowKey {
+    FlowKey { src: cand.ip, dst: key.src, sport: cand.port, dport: key.sport, proto: key.proto }
+}
+
+/// A flow's first packet to frontend `fe`: affinity or the scheduler picks a backend (unless
+/// `ahead` already did, [`pick_ahead`], for this very key), then policy, source NAT and the
+/// conntrack entry.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn new_flow(
@@ -552,6 +643,7 @@ fn new_flow(
     h: u64,
     fe: Frontend,
     flags: u8,
+    ahead: Ahead,
 ) -> Verdict {
     if key.proto == IPPROTO_TCP && flags & tcp_flags::RST != 0 {
         return Verdict::Drop(DropReason::TcpNoFlow);
@@ -559,7 +651,22 @@ fn new_flow(
     let Some(svc) = t.service(fe.service) else {
         return Verdict::Drop(DropReason::ServiceRemoved);
     };
-    let Some(ci) = choose(svc, &key, h, w, now) else {
+    let picked = match ahead.pick {
+        Some(a) => {
+            // What `choose` would answer: the scheduler is pure and there is no affinity.
+            debug_assert_eq!(
+                svc.scheduler().pick(
+                    svc.candidates(),
+                    &PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: h },
+                    &w.conns
+                ),
+                Some(a.ci)
+            );
+            Some(a.ci)
+        }
+        None => choose(svc, &key, h, w, now),
+    };
+    let Some(ci) = picked else {
         w.counters.dropped(DropReason::NoEndpoints);
         return reject(f, o, w);
     };
@@ -568,19 +675,17 @@ fn new_flow(
     if let Err(r) = t.policy().check(key.src, cand.ip, key.proto, cand.port) {
         return Verdict::Drop(r);
     }
-    let snat = needs_snat(&fe, svc, &cand, &key);
-    let mut reply = FlowKey {
-        src: cand.ip,
-        dst: key.src,
-        sport: cand.port,
-        dport: key.sport,
-        proto: key.proto,
-    };
+    let snat = needs_snat(&fe, &cand, &key);
+    let mut reply = direct_reply(&key, &cand);
     // Source NAT when the flow needs it, or when the backend already talks to this client from
     // this very tuple (a direct connection): then this one goes through a port of our own.
     let mut hr = None;
     let needs_port = snat || {
-        let h0 = w.ct.hash(&reply);
+        let h0 = match ahead.pick {
+            Some(a) => a.h_direct,
+            None => w.ct.hash(&reply),
+        };
+        debug_assert_eq!(h0, w.ct.hash(&reply));
         hr = Some(h0);
         w.ct.lookup_hashed(&reply, h0, now).is_some()
     };
@@ -589,7 +694,7 @@ fn new_flow(
             return if snat {
                 // Without an address to masquerade to, send it unmasqueraded (as before SNAT
                 // was configured): the kernel path would behave the same.
-                finish_new(f, o, t, w, now, key, h, reply, None, svc, cand.id, flags)
+                finish_new(f, o, t, w, now, key, h, reply, None, svc, cand.id, flags, ahead.victim)
             } else {
                 Verdict::Drop(DropReason::SnatExhausted)
             };
@@ -602,7 +707,7 @@ fn new_flow(
         hr = Some(h_port);
         w.counters.snat_flows += 1;
     }
-    finish_new(f, o, t, w, now, key, h, reply, hr, svc, cand.id, flags)
+    finish_new(f, o, t, w, now, key, h, reply, hr, svc, cand.id, flags, ahead.victim)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -620,13 +725,14 @@ fn finish_new(
     svc: &ServicePort,
     backend: u32,
     flags: u8,
+    victim: Option<VictimHint>,
 ) -> Verdict {
-    if let Some(timeout) = svc.spec().affinity_timeout_s {
+    if let Some(timeout) = svc.affinity_timeout_s() {
         w.affinity.insert(svc.id(), key.src, backend, now + u64::from(timeout) * NS, now);
     }
     let h_reply = h_reply.unwrap_or_else(|| w.ct.hash(&reply));
     let flow = Flow::new(key, reply, svc.id(), backend, t.generation());
-    let idx = w.ct.insert_hashed(flow, h, h_reply, flags, now);
+    let idx = w.ct.insert_hinted(flow, h, h_reply, flags, now, victim);
     w.ct.add_bytes(idx, Dir::Orig, o.end - o.l3);
     w.counters.nat_new += 1;
     wire::rewrite_tuple(
@@ -647,9 +753,8 @@ fn finish_new(
 /// Hairpin (a client reaching itself through the service) and masqueraded external traffic to
 /// other nodes need the source rewritten so replies come back through us.
 #[inline]
-fn needs_snat(fe: &Frontend, svc: &ServicePort, cand: &Candidate, key: &FlowKey) -> bool {
-    let local = svc.backend(cand.id).is_none_or(|b| b.local);
-    cand.ip == key.src || (fe.masquerade_remote && !local)
+fn needs_snat(fe: &Frontend, cand: &Candidate, key: &FlowKey) -> bool {
+    cand.ip == key.src || (fe.masquerade_remote && !cand.local)
 }
 
 /// Affinity first, then the scheduler. Returns an index into the service's candidates.
@@ -665,7 +770,7 @@ fn choose(svc: &ServicePort, key: &FlowKey, h: u64, w: &mut WorkerState, now: u6
         None => {}
     }
     let pk = PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: h };
-    svc.scheduler().pick(svc.candidates(), &pk, &w.conns, &mut w.rng)
+    svc.scheduler().pick(svc.candidates(), &pk, &w.conns)
 }
 
 /// The candidate index a live affinity entry of `client` names (`Err` when it names a backend
@@ -677,7 +782,7 @@ fn affinity_candidate(
     affinity: &AffinityTable,
     now: u64,
 ) -> Option<Result<u16, ()>> {
-    svc.spec().affinity_timeout_s?;
+    svc.affinity_timeout_s()?;
     let bid = affinity.lookup(svc.id(), client, now)?;
     Some(svc.candidates().iter().position(|c| c.id == bid).map(|i| i as u16).ok_or(()))
 }
@@ -1039,8 +1144,8 @@ pub struct NewFlowChoice {
 /// The decision [`process_batch`] would take for a new flow with tuple `key` on this worker,
 /// through the same lookups: the frontend table, the affinity entry ([`affinity_candidate`],
 /// as `choose` uses it) and the service's scheduler ([`crate::balance::Scheduler::peek`]: the
-/// round-robin position does not move and random draws from a copy of the worker's RNG, so
-/// the answer is what the next new flow would get), then NetworkPolicy on the backend pod as
+/// round-robin position does not move, so the answer is what the next new flow would get;
+/// random, like Maglev, answers by the tuple's hash, as the flow itself would), then NetworkPolicy on the backend pod as
 /// `new_flow` checks it. Nothing is changed: no affinity entry is
 /// added or removed, no counter moves. `None` when no frontend matches or its service port is
 /// gone. A backend that already has a direct connection with this very tuple would make the
@@ -1057,11 +1162,11 @@ pub fn peek_new_flow(
         Some(Ok(i)) => (Some(i), true),
         _ => {
             let pk = PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: w.ct.hash(key) };
-            (svc.scheduler().peek(svc.candidates(), &pk, &w.conns, &w.rng), false)
+            (svc.scheduler().peek(svc.candidates(), &pk, &w.conns), false)
         }
     };
     let backend = ci.map(|i| svc.candidates()[usize::from(i)]);
-    let snat = backend.is_some_and(|c| needs_snat(&frontend, svc, &c, key));
+    let snat = backend.is_some_and(|c| needs_snat(&frontend, &c, key));
     let policy = backend.map_or(Ok(()), |c| t.policy().check(key.src, c.ip, key.proto, c.port));
     Some(NewFlowChoice { frontend, backend, by_affinity, snat, policy })
 }
@@ -1082,14 +1187,19 @@ mod tests {
     const BACKEND: u32 = 0x0a80_0000;
     const CLIENT: u32 = 0xac10_0000;
 
-    /// Services 1..=3 on 10.96.0.i:53/UDP, each with one backend 10.128.0.i:5353.
-    fn tables() -> Tables {
-        let mut b = Tables::builder(1);
+    /// Backends (10.128/16) out of interface 3, clients (172.16/16) out of interface 2.
+    fn routes() -> Routes {
         let mut routes = Routes::default();
         let hop =
             |ifindex| NextHop { ifindex, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 0, 2] };
         routes.add_prefix(Ipv4Addr::from(BACKEND), 16, hop(3));
         routes.add_prefix(Ipv4Addr::from(CLIENT), 16, hop(2));
+        routes
+    }
+
+    /// Services 1..=3 on 10.96.0.i:53/UDP, each with one backend 10.128.0.i:5353.
+    fn tables() -> Tables {
+        let mut b = Tables::builder(1);
         for i in 1..=3u32 {
             let spec = ServiceSpec {
                 id: i,
@@ -1106,7 +1216,7 @@ mod tests {
             b.upsert_frontend(FrontendKey::new(Ipv4Addr::from(VIP + i), 53, Protocol::Udp), fe)
                 .unwrap();
         }
-        b.routes(routes).build()
+        b.routes(routes()).build()
     }
 
     fn udp(src: u32, sport: u16, dst: u32, dport: u16) -> Vec<u8> {
@@ -1152,6 +1262,83 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Services 1..=7 on 10.96.0.i:53/UDP, one per scheduler kind that pass 2c picks ahead for
+    /// (and rr, which it does not), four backends each, one of them the client 172.16.0.1
+    /// itself (hairpin, source-NATed); service 5 with session affinity, service 6 masquerading
+    /// its remote backends.
+    fn mixed_tables() -> Tables {
+        let mut b = Tables::builder(1);
+        let algs = [
+            Algorithm::Random,
+            Algorithm::Maglev,
+            Algorithm::SourceHash,
+            Algorithm::RoundRobin,
+            Algorithm::Random,
+            Algorithm::Random,
+            Algorithm::WeightedLeastConnection,
+        ];
+        for (i, alg) in (1..=7u32).zip(algs) {
+            let spec = ServiceSpec {
+                id: i,
+                name: format!("t/svc-{i}:dns"),
+                proto: Protocol::Udp,
+                algorithm: alg,
+                affinity_timeout_s: (i == 5).then_some(60),
+                maglev_size: 251,
+            };
+            let mut backends: Vec<Backend> = (0..3)
+                .map(|j| {
+                    let mut be =
+                        Backend::ready(i * 10 + j, Ipv4Addr::from(BACKEND + i * 16 + j), 5353);
+                    be.local = j != 1;
+                    be
+                })
+                .collect();
+            backends.push(Backend::ready(i * 10 + 3, Ipv4Addr::from(CLIENT + 1), 5353));
+            b.upsert_service(Arc::new(ServicePort::new(spec, backends))).unwrap();
+            let fe =
+                Frontend { service: i, kind: FrontendKind::ClusterIp, masquerade_remote: i == 6 };
+            b.upsert_frontend(FrontendKey::new(Ipv4Addr::from(VIP + i), 53, Protocol::Udp), fe)
+                .unwrap();
+        }
+        b.routes(routes()).snat_ip(Some(Ipv4Addr::new(10, 0, 0, 1))).build()
+    }
+
+    #[test]
+    fn picking_ahead_gives_what_frames_one_by_one_give() {
+        // New flows to every kind of service (picked ahead or not, with affinity, hairpin and
+        // masquerade), repeats, replies; a small table, so new flows evict.
+        let mut pkts = Vec::new();
+        for n in 0..400u32 {
+            let (c, s) = (CLIENT + 1 + n % 5, 1 + n % 7);
+            let sport = 1000 + (n % 90) as u16;
+            pkts.push(match n % 9 {
+                4 => udp(BACKEND + s * 16 + (n % 3), 5353, c, sport),
+                _ => udp(c, sport, VIP + s, 53),
+            });
+        }
+        // Tables each (the round-robin cursor lives in them), the same hash seed, so random and Maglev pick alike in both.
+        let seeded = || {
+            let mut w = worker(32);
+            w.ct = Conntrack::with_seed(32, Timeouts::default(), w.conns.clone(), 7);
+            w
+        };
+        let (mut one, mut all) = (seeded(), seeded());
+        let expected = run(&pkts, 1, &mut one, &mixed_tables());
+        let got = run(&pkts, 64, &mut all, &mixed_tables());
+        if let Some(i) = (0..got.len()).find(|&i| got[i] != expected[i]) {
+            panic!(
+                "frame {i} ({:?}): {:?} vs one by one {:?}",
+                &pkts[i][26..38],
+                got[i],
+                expected[i]
+            );
+        }
+        assert!(all.ct.stats().evicted > 0);
+        assert!(all.counters.snat_flows > 0 && all.counters.affinity_hits > 0);
+        assert_eq!(format!("{:?}", one.counters), format!("{:?}", all.counters));
     }
 
     #[test]

@@ -17,6 +17,11 @@
 //!   behind one `Arc`. Starting a generation ([`Tables::next`]) copies only those pointers, and
 //!   a change copies only the shard or chunk it touches (`Arc::make_mut`): one endpoint change
 //!   at 10,000 services costs a few microseconds, not a copy of every table.
+//! - The packet path does not probe the frontend hash maps: each shard also has a small
+//!   open-addressed probe table, remade by [`TablesBuilder::build`] for the shards a generation
+//!   changed (a few dozen entries each at 10,000 services). A lookup usually reads one cache
+//!   line whose address follows from the key, so the batch pipeline prefetches it.
+//! - A service port's first cache line holds what a new flow reads of it (see [`ServicePort`]).
 
 use core::net::Ipv4Addr;
 use std::collections::HashMap;
@@ -172,16 +177,31 @@ pub struct ServiceSpec {
 
 /// A service port as workers see it: its settings, every backend (in any state, sorted by id)
 /// and the prepared scheduler over the selectable ones.
+///
+/// Laid out so that what a new flow reads (candidates, scheduler, id, affinity timeout) is the
+/// first cache line, which starts the value (`align(64)`, so also in an `Arc`): the batch
+/// pipeline prefetches that one line per new flow.
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub struct ServicePort {
+    /// `selectable` as the scheduler sees it.
+    candidates: Box<[Candidate]>,
+    sched: Scheduler,
+    /// `spec.id`, here for the first line.
+    id: ServiceId,
+    /// `spec.affinity_timeout_s`, here for the first line.
+    affinity_timeout_s: Option<u32>,
     spec: ServiceSpec,
     backends: Box<[Backend]>,
     /// Indices into `backends` that new flows may go to.
     selectable: Box<[u16]>,
-    /// `selectable` as the scheduler sees it.
-    candidates: Box<[Candidate]>,
-    sched: Scheduler,
 }
+
+const _: () = {
+    // The new-flow fields fit the first line.
+    assert!(std::mem::offset_of!(ServicePort, affinity_timeout_s) + 8 <= 64);
+    assert!(std::mem::align_of::<ServicePort>() == 64);
+};
 
 impl ServicePort {
     /// Builds a service port. Backends are sorted by id; duplicates by id are dropped (the first
@@ -207,11 +227,25 @@ impl ServicePort {
             .iter()
             .map(|&i| {
                 let b = &backends[usize::from(i)];
-                Candidate { id: b.id, ip: u32::from(b.ip), port: b.port, weight: b.weight }
+                Candidate {
+                    id: b.id,
+                    ip: u32::from(b.ip),
+                    port: b.port,
+                    weight: b.weight,
+                    local: b.local,
+                }
             })
             .collect();
         let sched = Scheduler::new(spec.algorithm, &candidates, spec.maglev_size);
-        Self { spec, backends: backends.into(), selectable, candidates, sched }
+        Self {
+            candidates,
+            sched,
+            id: spec.id,
+            affinity_timeout_s: spec.affinity_timeout_s,
+            spec,
+            backends: backends.into(),
+            selectable,
+        }
     }
 
     /// Settings.
@@ -219,8 +253,14 @@ impl ServicePort {
         &self.spec
     }
     /// Stable id.
+    #[inline]
     pub fn id(&self) -> ServiceId {
-        self.spec.id
+        self.id
+    }
+    /// ClientIP session affinity timeout in seconds, if affinity is on (as in the spec).
+    #[inline]
+    pub fn affinity_timeout_s(&self) -> Option<u32> {
+        self.affinity_timeout_s
     }
     /// All backends, sorted by id.
     pub fn backends(&self) -> &[Backend] {
@@ -414,6 +454,63 @@ fn frontend_shard(k: &FrontendKey) -> usize {
     ((k.ip ^ u32::from(k.port).wrapping_mul(0x85EB_CA6B)).wrapping_mul(0x9E37_79B1) >> 24) as usize
 }
 
+/// One slot of a frontend shard's probe table ([`Tables::frontend`]); 16 bytes and aligned to
+/// them, so a slot never straddles two cache lines.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(16))]
+struct FrontendSlot {
+    key: FrontendKey,
+    /// `service` 0 marks an empty slot (service ids are never 0).
+    fe: Frontend,
+}
+
+const EMPTY_SLOT: FrontendSlot = FrontendSlot {
+    key: FrontendKey { ip: 0, port: 0, proto: 0 },
+    fe: Frontend { service: 0, kind: FrontendKind::ClusterIp, masquerade_remote: false },
+};
+
+/// A frontend shard's probe table: the shard's map copied into a power-of-two number of slots,
+/// at most half full, with linear probing from [`frontend_slot`]. Built by
+/// [`TablesBuilder::build`] for each shard the generation changed. A lookup usually reads one
+/// cache line, whose address the key alone gives, so the batch pipeline can prefetch it
+/// ([`Tables::prefetch_frontend`]); a hash map lookup reads a control group, then an entry.
+type ProbeTable = Arc<[FrontendSlot]>;
+
+/// The probe tables of the [`SHARDS`] frontend shards.
+#[derive(Clone, Debug)]
+struct Probes(Box<[ProbeTable]>);
+
+impl Default for Probes {
+    fn default() -> Self {
+        let empty: ProbeTable = Arc::new([]);
+        Self((0..SHARDS).map(|_| empty.clone()).collect())
+    }
+}
+
+fn probe_table(map: &HashMap<FrontendKey, Frontend, RandomState>) -> ProbeTable {
+    if map.is_empty() {
+        return Arc::new([]);
+    }
+    let n = (map.len() * 2).next_power_of_two().max(4);
+    let mut slots = vec![EMPTY_SLOT; n];
+    for (k, fe) in map {
+        let mut i = frontend_slot(k) & (n - 1);
+        while slots[i].fe.service != 0 {
+            i = (i + 1) & (n - 1);
+        }
+        slots[i] = FrontendSlot { key: *k, fe: *fe };
+    }
+    slots.into()
+}
+
+/// Home slot of a frontend key in its shard's probe table (before masking): the top bits of a
+/// 64-bit multiplicative hash of the whole key, independent of the shard choice.
+#[inline(always)]
+fn frontend_slot(k: &FrontendKey) -> usize {
+    let x = (u64::from(k.ip) << 24) | (u64::from(k.port) << 8) | u64::from(k.proto);
+    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize
+}
+
 /// Shard of a frontend address.
 #[inline(always)]
 fn vip_shard(ip: u32) -> usize {
@@ -425,6 +522,8 @@ fn vip_shard(ip: u32) -> usize {
 pub struct Tables {
     generation: u64,
     frontends: Sharded<FrontendKey, Frontend>,
+    /// The frontend shards' probe tables, one per shard (what the packet path reads).
+    probes: Probes,
     /// Frontend addresses with their number of frontends, for ICMP echo to a service address.
     vips: Sharded<u32, u32>,
     /// Service slots by id in chunks of [`CHUNK`]; slot 0 is always empty.
@@ -449,7 +548,29 @@ impl Tables {
     /// Frontend lookup.
     #[inline]
     pub fn frontend(&self, key: &FrontendKey) -> Option<&Frontend> {
-        self.frontends.get(frontend_shard(key), key)
+        let slots = self.probes.0.get(frontend_shard(key))?;
+        let mask = slots.len().wrapping_sub(1);
+        let mut i = frontend_slot(key) & mask;
+        // At most half full: an empty slot ends every probe.
+        while let Some(s) = slots.get(i) {
+            if s.fe.service == 0 {
+                return None;
+            }
+            if s.key == *key {
+                return Some(&s.fe);
+            }
+            i = (i + 1) & mask;
+        }
+        None
+    }
+    /// Starts loading the line [`Tables::frontend`] will read first for `key` (a pass of the
+    /// batch pipeline ahead of the lookup).
+    #[inline(always)]
+    pub fn prefetch_frontend(&self, key: &FrontendKey) {
+        if let Some(slots) = self.probes.0.get(frontend_shard(key)) {
+            let i = frontend_slot(key) & slots.len().wrapping_sub(1);
+            crate::mem::prefetch(slots.as_ptr().wrapping_add(i));
+        }
     }
     /// Whether `ip` is some frontend's address.
     #[inline]
@@ -499,11 +620,14 @@ impl Tables {
 
     /// Starts the next generation from this one (sharing every service port).
     pub fn next(&self) -> TablesBuilder {
-        TablesBuilder { t: Tables { generation: self.generation + 1, ..self.clone() } }
+        TablesBuilder {
+            t: Tables { generation: self.generation + 1, ..self.clone() },
+            changed: [0; SHARDS / 64],
+        }
     }
     /// Starts generation `generation` from nothing.
     pub fn builder(generation: u64) -> TablesBuilder {
-        TablesBuilder { t: Tables { generation, ..Tables::default() } }
+        TablesBuilder { t: Tables { generation, ..Tables::default() }, changed: [0; SHARDS / 64] }
     }
 }
 
@@ -511,6 +635,8 @@ impl Tables {
 #[derive(Debug)]
 pub struct TablesBuilder {
     t: Tables,
+    /// Frontend shards changed (a bit each), whose probe tables `build` makes anew.
+    changed: [u64; SHARDS / 64],
 }
 
 /// Why a table change was refused.
@@ -563,7 +689,8 @@ impl TablesBuilder {
     /// its packets miss (the pipeline finds no service) and is a caller bug.
     pub fn remove_service(&mut self, id: ServiceId, frontends: &[FrontendKey]) {
         for k in frontends {
-            if self.t.frontend(k).is_some_and(|f| f.service == id) {
+            // The map: probe tables are remade by `build`.
+            if self.t.frontends.get(frontend_shard(k), k).is_some_and(|f| f.service == id) {
                 self.remove_frontend(k);
             }
         }
@@ -585,17 +712,21 @@ impl TablesBuilder {
         if svc.spec().proto.number() != key.proto {
             return Err(TableError::ProtocolMismatch(key, fe.service));
         }
-        if self.t.frontends.get_mut(frontend_shard(&key)).insert(key, fe).is_none() {
+        let shard = frontend_shard(&key);
+        self.changed[shard / 64] |= 1 << (shard % 64);
+        if self.t.frontends.get_mut(shard).insert(key, fe).is_none() {
             *self.t.vips.get_mut(vip_shard(key.ip)).entry(key.ip).or_insert(0) += 1;
         }
         Ok(())
     }
     /// Removes a frontend.
     pub fn remove_frontend(&mut self, key: &FrontendKey) {
-        if self.t.frontends.get(frontend_shard(key), key).is_none() {
+        let shard = frontend_shard(key);
+        if self.t.frontends.get(shard, key).is_none() {
             return;
         }
-        self.t.frontends.get_mut(frontend_shard(key)).remove(key);
+        self.changed[shard / 64] |= 1 << (shard % 64);
+        self.t.frontends.get_mut(shard).remove(key);
         let vips = self.t.vips.get_mut(vip_shard(key.ip));
         if let Some(n) = vips.get_mut(&key.ip) {
             *n -= 1;
@@ -622,8 +753,13 @@ impl TablesBuilder {
     pub fn set_policy(&mut self, p: Arc<PolicyTables>) {
         self.t.policy = p;
     }
-    /// Finishes the generation.
-    pub fn build(self) -> Tables {
+    /// Finishes the generation (making the probe tables of the frontend shards it changed).
+    pub fn build(mut self) -> Tables {
+        for shard in 0..SHARDS {
+            if self.changed[shard / 64] & (1 << (shard % 64)) != 0 {
+                self.t.probes.0[shard] = probe_table(&self.t.frontends.shards[shard]);
+            }
+        }
         self.t
     }
 }
@@ -685,6 +821,27 @@ mod tests {
         // Frontends spread over the shards.
         let used = t1.frontends.shards.iter().filter(|s| !s.is_empty()).count();
         assert!(used > SHARDS * 9 / 10, "only {used} shards used");
+    }
+
+    #[test]
+    fn probe_tables_answer_as_the_maps() {
+        let t = big();
+        let mut longest = 0;
+        for (k, f) in t.frontends() {
+            assert_eq!(t.frontend(&k), Some(&f));
+            let slots = &t.probes.0[frontend_shard(&k)];
+            assert!(slots.len() >= 2 * t.frontends.shards[frontend_shard(&k)].len());
+            let home = frontend_slot(&k) & (slots.len() - 1);
+            let at = slots.iter().position(|s| s.key == k && s.fe.service != 0).unwrap();
+            longest = longest.max((at + slots.len() - home) % slots.len());
+            // Neighbours that are no frontend: other ports, protocol, addresses.
+            assert_eq!(t.frontend(&FrontendKey { port: k.port + 1, ..k }), None);
+            assert_eq!(t.frontend(&FrontendKey { proto: IPPROTO_TCP, ..k }), None);
+            assert_eq!(t.frontend(&FrontendKey { ip: k.ip + 100_000, ..k }), None);
+        }
+        // Probes stay short (at most half full, keys spread within shards).
+        assert!(longest < 12, "a probe of {longest} slots");
+        assert_eq!(Tables::empty().frontend(&key(1, 53)), None);
     }
 
     #[test]

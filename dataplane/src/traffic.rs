@@ -62,6 +62,15 @@ impl Traffic {
         Self { per: vec![[0u64; 5]; capacity].into_boxed_slice() }
     }
 
+    /// Starts loading the counters of `backend` (a flow of it is about to be retired).
+    #[inline(always)]
+    pub fn prefetch(&self, backend: BackendId) {
+        // 40 bytes, which may straddle two lines.
+        let p = self.per.as_ptr().wrapping_add(backend as usize);
+        crate::mem::prefetch(p);
+        crate::mem::prefetch(p.cast::<u8>().wrapping_add(core::mem::size_of::<[u64; 5]>() - 1));
+    }
+
     /// Adds a removed flow's counts to its backend's.
     #[inline]
     pub fn retire(&mut self, backend: BackendId, f: &Flow) {
