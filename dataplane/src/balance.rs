@@ -18,7 +18,7 @@
 //! | `nq` | `NeverQueue` | the first with no active connection, else as `sed` |
 //! | `sh` | `SourceHash` | a 256-bucket table filled by weight, indexed by the client address |
 //! | `dh` | `DestinationHash` | the same table, indexed by the service (destination) address |
-//! | `maglev` / `mh` | `Maglev` | Maglev table indexed by the 5-tuple hash ([`crate::maglev`]) |
+//! | `maglev` / `mh` | `Maglev` | Maglev table indexed by a fixed hash of the 5-tuple ([`crate::maglev`]) |
 //!
 //! The IPVS ones follow the Linux `ip_vs_*.c` schedulers:
 //!
@@ -64,18 +64,22 @@
 //!   another, and least-connection only means something when it sees every worker's flows;
 //!   per-worker counts would each see a fraction and disagree. Relaxed reads may be a few flows
 //!   stale under concurrency, which balancing tolerates (IPVS reads its counters the same way).
-//! - **Random keys on the 5-tuple hash too** ([`PickKey::flow_hash`], the worker's conntrack
-//!   hash, seeded at random per table, so a client can neither predict nor aim it): each
+//! - **Random keys on the worker's keyed 5-tuple hash** ([`PickKey::flow_hash`], the worker's
+//!   conntrack hash, seeded at random per table, so a client can neither predict nor aim it): each
 //!   distinct 5-tuple is an independent uniform draw, which is what kube-proxy's `statistic
 //!   mode random` rules give a new connection. What changes is that the same 5-tuple, should
 //!   its conntrack entry be lost, draws the same backend again on this worker. The gain: the
 //!   choice is a pure function of the packet and the tables, so the batch pipeline can make it
 //!   ahead of time and start loading the new flow's reply-key conntrack lines before it needs
 //!   them (see [`Scheduler::pick_is_pure`]).
-//! - **Maglev keys on the 5-tuple hash** ([`PickKey::flow_hash`]), not the client address: each
-//!   connection sticks to its backend (even if its conntrack entry is lost, or it lands on
-//!   another node, since every node builds the same table), while one client's connections
-//!   still spread. Client stickiness is session affinity's job.
+//! - **Maglev keys on a fixed hash of the 5-tuple** ([`PickKey::tuple_hash`], i.e.
+//!   [`maglev::tuple_hash`], constant-seeded), never on the per-worker keyed `flow_hash`: every
+//!   worker and node builds the same table and hashes a tuple the same way, so a connection
+//!   sticks to its backend even if its conntrack entry is lost, it moves to another worker, or
+//!   an ECMP rehash lands it on another node (Maglev's point, as in Katran and Cilium). One
+//!   client's connections still spread. Client stickiness is session affinity's job.
+//! - **sh and dh key on the address alone** (IPVS's definition), with the kernel's fixed
+//!   `hash_32`: the same on every worker and node too.
 //! - **`None` means "no backend"**: no candidates, or none with weight > 0.
 
 use core::fmt;
@@ -219,15 +223,31 @@ pub struct Candidate {
     pub local: bool,
 }
 
-/// What a new flow offers to hash on.
+/// What a new flow offers to hash on: its 5-tuple (to the service) and the worker's hash of it.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PickKey {
     /// Client address.
     pub src_ip: u32,
     /// Service address.
     pub dst_ip: u32,
-    /// Hash of the whole 5-tuple.
+    /// Client port.
+    pub src_port: u16,
+    /// Service port.
+    pub dst_port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// The worker's keyed hash of the whole 5-tuple (its conntrack hash): random per worker,
+    /// used by `random` only.
     pub flow_hash: u64,
+}
+
+impl PickKey {
+    /// The fixed (unkeyed) hash of the 5-tuple, the same on every worker and node: Maglev's
+    /// key ([`maglev::tuple_hash`]).
+    #[inline(always)]
+    pub fn tuple_hash(&self) -> u64 {
+        maglev::tuple_hash(self.src_ip, self.dst_ip, self.src_port, self.dst_port, self.proto)
+    }
 }
 
 /// Per-backend connection counts shared by all workers, indexed by backend id.
@@ -379,8 +399,9 @@ impl Scheduler {
     /// none (or none with a usable weight).
     ///
     /// `candidates` must be the slice given to `new` (the lc family reads weights and ids from
-    /// it; the other algorithms only bound-check against it). `key` is used by random and
-    /// Maglev (`flow_hash`), sh (`src_ip`) and dh (`dst_ip`); `conns` by the lc family.
+    /// it; the other algorithms only bound-check against it). `key` is used by random
+    /// (`flow_hash`), Maglev (the whole tuple, [`PickKey::tuple_hash`]), sh (`src_ip`) and dh
+    /// (`dst_ip`); `conns` by the lc family.
     #[inline]
     pub fn pick(&self, candidates: &[Candidate], key: &PickKey, conns: &ConnCounts) -> Option<u16> {
         self.select(candidates, key, conns, true)
@@ -421,7 +442,7 @@ impl Scheduler {
                 return;
             }
             Algorithm::Maglev if len > 0 => {
-                crate::mem::prefetch(t.wrapping_add((key.flow_hash % len as u64) as usize))
+                crate::mem::prefetch(t.wrapping_add((key.tuple_hash() % len as u64) as usize))
             }
             _ if len > 0 && len <= 32 => {
                 crate::mem::prefetch(t);
@@ -482,7 +503,7 @@ impl Scheduler {
                 if m == 0 {
                     return None;
                 }
-                self.table[(key.flow_hash % m) as usize]
+                self.table[(key.tuple_hash() % m) as usize]
             }
         };
         // Cheap guard against a caller passing a different slice than `new` got.
@@ -733,12 +754,17 @@ mod tests {
         let mut rng = FastRng::new(42);
         for _ in 0..1000 {
             let flow_hash = rng.next_u64();
-            let key = PickKey { src_ip: 0x0a80_0001, dst_ip: 0x0a60_0001, flow_hash };
+            let key = PickKey {
+                src_ip: 0x0a80_0001,
+                dst_ip: 0x0a60_0001,
+                flow_hash,
+                ..PickKey::default()
+            };
             let want = hash_below(flow_hash, 7) as u16;
             assert_eq!(s.pick(&c, &key, &counts), Some(want));
             // The addresses, the connection counts and earlier picks do not matter.
             counts.inc(c[usize::from(want)].id);
-            let other = PickKey { src_ip: 1, dst_ip: 2, flow_hash };
+            let other = PickKey { src_ip: 1, dst_ip: 2, flow_hash, ..PickKey::default() };
             assert_eq!(s.pick(&c, &other, &counts), Some(want));
             assert_eq!(s.peek(&c, &other, &counts), Some(want));
         }
@@ -1008,9 +1034,9 @@ mod tests {
             let addr = 0x0a80_0000 + a;
             let key = match alg {
                 Algorithm::SourceHash => {
-                    PickKey { src_ip: addr, dst_ip: 0x0a60_0001, flow_hash: 0 }
+                    PickKey { src_ip: addr, dst_ip: 0x0a60_0001, ..PickKey::default() }
                 }
-                _ => PickKey { src_ip: 0x0a60_0001, dst_ip: addr, flow_hash: 0 },
+                _ => PickKey { src_ip: 0x0a60_0001, dst_ip: addr, ..PickKey::default() },
             };
             let first = s.pick(&c, &key, &counts).unwrap();
             // Same address, any other field: same backend.
@@ -1048,28 +1074,38 @@ mod tests {
     }
 
     #[test]
-    fn maglev_keys_on_the_flow_hash() {
+    fn maglev_keys_on_the_fixed_tuple_hash() {
         let c = cands(&[1, 1, 0, 1, 1]);
         let s = Scheduler::new(Algorithm::Maglev, &c, 0);
         assert_eq!(s.maglev_table().map(<[u16]>::len), Some(65_537));
         let counts = ConnCounts::new(6);
         let mut h = [0usize; 5];
-        for f in 0..40_000u64 {
-            let flow_hash = f.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let key = PickKey { src_ip: 0x0a80_0001, dst_ip: 0x0a60_0001, flow_hash };
+        for f in 0..40_000u32 {
+            // One client, one service, its connections differing by source port only.
+            let key = PickKey {
+                src_ip: 0x0a80_0001,
+                dst_ip: 0x0a60_0001,
+                src_port: 1024 + (f % 60_000) as u16,
+                dst_port: if f < 30_000 { 80 } else { 443 },
+                proto: 6,
+                flow_hash: u64::from(f),
+            };
             let i = s.pick(&c, &key, &counts).unwrap();
-            // The addresses do not matter, only the 5-tuple hash.
-            let other = PickKey { src_ip: f as u32, dst_ip: 9, flow_hash };
+            let slot = (key.tuple_hash() % 65_537) as usize;
+            assert_eq!(i, s.maglev_table().unwrap()[slot]);
+            // The worker's keyed hash does not matter (other workers, other seeds).
+            let other =
+                PickKey { flow_hash: u64::from(f).wrapping_mul(0x9e37_79b9_7f4a_7c15), ..key };
             assert_eq!(s.pick(&c, &other, &counts), Some(i));
-            assert_eq!(i, s.maglev_table().unwrap()[(flow_hash % 65_537) as usize]);
+            assert_eq!(s.peek(&c, &other, &counts), Some(i));
             h[usize::from(i)] += 1;
         }
         // One client's connections spread over every backend of weight > 0.
         assert_eq!(h[2], 0);
-        assert!(h
-            .iter()
-            .enumerate()
-            .all(|(i, &x)| i == 2 || (x as f64 / 10_000.0 - 1.0).abs() < 0.05));
+        assert!(
+            h.iter().enumerate().all(|(i, &x)| i == 2 || (x as f64 / 10_000.0 - 1.0).abs() < 0.05),
+            "{h:?}"
+        );
     }
 
     #[test]

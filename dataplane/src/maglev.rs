@@ -34,13 +34,22 @@
 //! - **Full.** `M` is prime and `skip` is in `1..M`, so every permutation visits every slot and
 //!   the fill always terminates with no empty slot (unless no backend has a weight).
 //!
-//! # Why the flow hash
+//! # Why the tuple hash, and why a fixed one
 //!
-//! The pipeline looks the table up with the hash of the whole 5-tuple (as Cilium and Katran
-//! do), not the client address: different connections from one client spread over all backends,
-//! while every packet of one connection (and a connection whose conntrack entry was lost, or
-//! that arrives at another node) maps to the same backend. Client stickiness is the job of
-//! session affinity, not of the scheduler.
+//! The pipeline looks the table up with a hash of the whole 5-tuple (as Cilium and Katran do),
+//! not the client address: different connections from one client spread over all backends,
+//! while every packet of one connection maps to the same backend.
+//!
+//! That hash is [`tuple_hash`], a fixed function of the tuple with a constant seed, the same in
+//! every process, worker and node, and *not* the conntrack hash (which each worker seeds at
+//! random so that senders cannot aim bucket collisions). This is what makes Maglev consistent:
+//! a connection whose conntrack entry was lost, that is steered to another worker (a queue
+//! change) or that arrives at another node (an ECMP rehash, a node failover) is looked up in
+//! the same table with the same hash and reaches the same backend. The price is that a sender
+//! can predict which slot its tuple lands in; it already chooses its own ports, and a slot only
+//! names a backend (no table or bucket can be overloaded through it). Changing [`tuple_hash`]
+//! between releases moves connections during a rolling upgrade, so it is part of the format,
+//! pinned by a test. Client stickiness is the job of session affinity, not of the scheduler.
 //!
 //! # Size
 //!
@@ -118,8 +127,24 @@ pub fn identity_hash(ip: u32, port: u16) -> u64 {
     h
 }
 
+/// The fixed hash of a 5-tuple that Maglev indexes its table with: the same on every worker and
+/// node (see "Why the tuple hash" above). The tuple is packed into two words, `a` (source and
+/// destination address) and `b` (ports and protocol); the result is
+/// `fmix64(fmix64(a ^ K) ^ b)` with [`fmix64`] MurmurHash3's finalizer and `K` a constant (the
+/// first digits of pi). Both steps are bijections, so for one address pair distinct ports never
+/// collide. Addresses and ports are in host order. Do not change it without need: see the
+/// module docs.
+#[inline(always)]
+pub fn tuple_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u64 {
+    const K: u64 = 0x243f_6a88_85a3_08d3;
+    let a = u64::from(src) << 32 | u64::from(dst);
+    let b = u64::from(sport) << 24 | u64::from(dport) << 8 | u64::from(proto);
+    fmix64(fmix64(a ^ K) ^ b)
+}
+
 /// MurmurHash3's 64-bit finalizer: a fixed bijective mix with full avalanche. FNV-1a of six
 /// bytes mixes its high bits poorly, so `h1`/`h2` are derived through this.
+#[inline(always)]
 fn fmix64(mut k: u64) -> u64 {
     k ^= k >> 33;
     k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
@@ -455,6 +480,29 @@ mod tests {
             rotated.rotate_left(rotate % backends.len());
             let r = build(&rotated, 1009);
             prop_assert_eq!(as_identities(&t, &backends), as_identities(&r, &rotated));
+        }
+    }
+
+    #[test]
+    fn tuple_hash_is_pinned() {
+        // The hash is part of the format: every node and release must agree on it (a change
+        // moves Maglev connections during a rolling upgrade). These values pin it (computed
+        // independently from the formula in the docs).
+        const PIN: [u64; 3] = [0xf590_4f05_c982_8dd6, 0x12da_bf7f_8286_a004, 0xfaa1_c38a_462b_6425];
+        assert_eq!(tuple_hash(0, 0, 0, 0, 0), PIN[0]);
+        assert_eq!(tuple_hash(0x0a80_0001, 0x0a60_0001, 40_000, 443, 6), PIN[1]);
+        assert_eq!(tuple_hash(0x0a80_0001, 0x0a60_0001, 40_001, 443, 6), PIN[2]);
+        // Every field matters.
+        let base = (0x0a80_0001, 0x0a60_0001, 40_000, 443, 6);
+        let h = |(a, b, c, d, e): (u32, u32, u16, u16, u8)| tuple_hash(a, b, c, d, e);
+        for other in [
+            (1, base.1, base.2, base.3, base.4),
+            (base.0, 1, base.2, base.3, base.4),
+            (base.0, base.1, 1, base.3, base.4),
+            (base.0, base.1, base.2, 1, base.4),
+            (base.0, base.1, base.2, base.3, 17),
+        ] {
+            assert_ne!(h(other), h(base), "{other:?}");
         }
     }
 }

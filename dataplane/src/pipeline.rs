@@ -308,10 +308,10 @@ fn process_chunk(
     }
     if new_flows {
         for p in &pre[..frames.len()] {
-            if let (Some((_, h)), Some(svc)) =
+            if let (Some((key, h)), Some(svc)) =
                 (p.key, p.fe.flatten().and_then(|fe| tables.service(fe.service)))
             {
-                let pk = PickKey { flow_hash: h, ..PickKey::default() };
+                let pk = pick_key(&key, h);
                 svc.scheduler().prefetch(svc.candidates(), &pk);
             }
         }
@@ -608,7 +608,7 @@ fn pick_now(t: &Tables, w: &WorkerState, key: &FlowKey, h: u64, fe: &Frontend) -
     if svc.affinity_timeout_s().is_some() || !svc.scheduler().pick_is_pure() {
         return None;
     }
-    let pk = PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: h };
+    let pk = pick_key(key, h);
     let ci = svc.scheduler().pick(svc.candidates(), &pk, &w.conns)?;
     let cand = svc.candidates()[usize::from(ci)];
     w.conns.prefetch(cand.id);
@@ -620,6 +620,19 @@ fn pick_now(t: &Tables, w: &WorkerState, key: &FlowKey, h: u64, fe: &Frontend) -
         hr
     };
     Some(Pick { ci, h_direct })
+}
+
+/// What the scheduler hashes on for a new flow `key` whose conntrack hash is `h`.
+#[inline(always)]
+fn pick_key(key: &FlowKey, h: u64) -> PickKey {
+    PickKey {
+        src_ip: key.src,
+        dst_ip: key.dst,
+        src_port: key.sport,
+        dst_port: key.dport,
+        proto: key.proto,
+        flow_hash: h,
+    }
 }
 
 /// The reply key of a flow to `cand` without source NAT: the backend answering the client.
@@ -655,11 +668,7 @@ fn new_flow(
         Some(a) => {
             // What `choose` would answer: the scheduler is pure and there is no affinity.
             debug_assert_eq!(
-                svc.scheduler().pick(
-                    svc.candidates(),
-                    &PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: h },
-                    &w.conns
-                ),
+                svc.scheduler().pick(svc.candidates(), &pick_key(&key, h), &w.conns),
                 Some(a.ci)
             );
             Some(a.ci)
@@ -769,7 +778,7 @@ fn choose(svc: &ServicePort, key: &FlowKey, h: u64, w: &mut WorkerState, now: u6
         Some(Err(())) => w.affinity.remove(svc.id(), key.src),
         None => {}
     }
-    let pk = PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: h };
+    let pk = pick_key(key, h);
     svc.scheduler().pick(svc.candidates(), &pk, &w.conns)
 }
 
@@ -1161,7 +1170,7 @@ pub fn peek_new_flow(
     let (ci, by_affinity) = match affinity_candidate(svc, key.src, &w.affinity, now) {
         Some(Ok(i)) => (Some(i), true),
         _ => {
-            let pk = PickKey { src_ip: key.src, dst_ip: key.dst, flow_hash: w.ct.hash(key) };
+            let pk = pick_key(key, w.ct.hash(key));
             (svc.scheduler().peek(svc.candidates(), &pk, &w.conns), false)
         }
     };
@@ -1304,6 +1313,35 @@ mod tests {
                 .unwrap();
         }
         b.routes(routes()).snat_ip(Some(Ipv4Addr::new(10, 0, 0, 1))).build()
+    }
+
+    #[test]
+    fn maglev_picks_the_same_backend_on_every_worker_and_node() {
+        // Two workers with different conntrack seeds (as two workers, or two nodes), each with
+        // its own separately built Tables of the same services: the same tuples reach the same
+        // Maglev backend (service 2), in batches and one by one. Random (service 1) keys on
+        // the per-worker hash, so there the seeds do make a difference.
+        let pkts = |vip: u32| -> Vec<Vec<u8>> {
+            (0..600u32).map(|n| udp(CLIENT + 2 + n % 50, 2000 + n as u16, vip, 53)).collect()
+        };
+        let backend_of = |seed: u64, batch: usize, vip: u32| -> Vec<[u8; 4]> {
+            let mut w = worker(1024);
+            w.ct = Conntrack::with_seed(1024, Timeouts::default(), w.conns.clone(), seed);
+            run(&pkts(vip), batch, &mut w, &mixed_tables())
+                .into_iter()
+                .map(|(v, b)| {
+                    assert!(matches!(v, Verdict::Tx { .. }), "{v:?}");
+                    b[30..34].try_into().unwrap()
+                })
+                .collect()
+        };
+        let maglev = backend_of(1, 64, VIP + 2);
+        assert_eq!(maglev, backend_of(0xdead_beef, 64, VIP + 2));
+        assert_eq!(maglev, backend_of(0xdead_beef, 1, VIP + 2));
+        // Every backend gets some of the flows.
+        let distinct: std::collections::BTreeSet<_> = maglev.iter().collect();
+        assert_eq!(distinct.len(), 4, "{distinct:?}");
+        assert_ne!(backend_of(1, 64, VIP + 1), backend_of(0xdead_beef, 64, VIP + 1));
     }
 
     #[test]
