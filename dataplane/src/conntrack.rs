@@ -17,8 +17,12 @@
 //!   in the flow record (its orig or reply tuple, by the direction flag), which the packet needs
 //!   anyway. A lookup thus touches one or two bucket lines and the flow's record; a false tag
 //!   match (20 tags compared at most: under one lookup in 3,000) costs one more record read.
-//! - A live flow always has exactly two slots, one per key; the record remembers where they are
-//!   (and each key's other candidate bucket), so removing a flow clears both without hashing.
+//! - A live flow always has exactly two slots, one per key; the record remembers where they are,
+//!   so removing a flow clears both without hashing. (A key's other candidate bucket is found
+//!   by hashing it again, only when both of a new key's buckets are full.)
+//! - The record also holds what translating its packets needs, prepared once: per direction
+//!   the checksum deltas of the rewrite ([`crate::wire::nat_deltas`]) and the next hop, cached
+//!   for one table generation (see `pipeline::known_flow`).
 //! - Each key has two candidate buckets (two-choice hashing, from two halves of one hash) and
 //!   goes to the less loaded of the two; lookups check the first, then the second. The index is
 //!   sized for at most 0.8 load. When both buckets of a new key are full, a key already there is
@@ -52,7 +56,7 @@ use serde::{Deserialize, Serialize};
 use crate::balance::ConnCounts;
 use crate::mem::{prefetch, HugeArray, Zeroable};
 use crate::tables::{BackendId, ServiceId};
-use crate::wire::{tcp_flags, IPPROTO_TCP, IPPROTO_UDP};
+use crate::wire::{nat_deltas, tcp_flags, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Slots per bucket (ten 4-byte values and ten 2-byte tags fill one 64-byte line).
 pub const WAYS: usize = 10;
@@ -103,6 +107,7 @@ impl FlowKey {
 
 /// Direction of a packet relative to its flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[repr(u8)]
 pub enum Dir {
     /// Client to service (the original tuple).
     Orig,
@@ -177,6 +182,27 @@ impl Default for Timeouts {
     }
 }
 
+/// [`Timeouts`] in nanoseconds, indexed by `State as usize`, ICMP's at [`ICMP_SLOT`]: what a
+/// packet's expiry update reads (one indexed load).
+#[derive(Clone, Copy, Debug)]
+struct TimeoutsNs([u64; 10]);
+
+const ICMP_SLOT: usize = 9;
+
+impl TimeoutsNs {
+    fn new(t: &Timeouts) -> Self {
+        use State::*;
+        let mut ns = [0; 10];
+        for s in
+            [Unreplied, Replied, SynSent, SynRecv, Established, FinWait, LastAck, TimeWait, Close]
+        {
+            ns[s as usize] = u64::from(t.of(s)) * 1_000_000_000;
+        }
+        ns[ICMP_SLOT] = u64::from(t.icmp) * 1_000_000_000;
+        Self(ns)
+    }
+}
+
 impl Timeouts {
     fn of(&self, s: State) -> u32 {
         match s {
@@ -192,6 +218,11 @@ impl Timeouts {
         }
     }
 }
+
+/// [`Flow::hop`] of a flow whose next hops are not resolved yet.
+pub const HOP_UNRESOLVED: u32 = 0;
+/// [`Flow::hop`] when the tables have no route for the direction's destination.
+pub const HOP_NONE: u32 = u32::MAX;
 
 const FIN_ORIG: u8 = 1;
 const FIN_REPLY: u8 = 2;
@@ -228,9 +259,16 @@ pub struct Flow {
     pub orig: FlowKey,
     /// Tuple as the backend sends back.
     pub reply: FlowKey,
-    /// The other candidate bucket of the orig and reply keys.
+    /// Per direction (orig, reply), the checksum deltas of translating a packet of that
+    /// direction ([`crate::wire::nat_deltas`]), computed once when the flow is created from
+    /// `orig` and `reply`, which therefore never change afterwards (build a new flow instead).
     #[serde(skip)]
-    alt: [u32; 2],
+    nat: [[u16; 2]; 2],
+    /// Per direction, the next hop of the translated packet in the tables of generation
+    /// `generation`: [`Routes`](crate::tables::Routes) hop index + 1, [`HOP_UNRESOLVED`] or
+    /// [`HOP_NONE`].
+    #[serde(skip)]
+    hops: [u32; 2],
     /// Bytes (IP datagrams) seen, original direction (per-backend traffic, `crate::traffic`).
     pub bytes_orig: u64,
     /// Bytes seen, reply direction.
@@ -252,7 +290,8 @@ impl Flow {
         state: State::Unreplied,
         fins: 0,
         live: false,
-        alt: [0; 2],
+        nat: [[0; 2]; 2],
+        hops: [HOP_UNRESOLVED; 2],
         bytes_orig: 0,
         bytes_reply: 0,
     };
@@ -265,12 +304,47 @@ impl Flow {
         backend: BackendId,
         generation: u64,
     ) -> Self {
-        Flow { orig, reply, service, backend, generation, live: true, ..Flow::EMPTY }
+        // A packet of one direction is rewritten to the reverse of the other's tuple.
+        let tuple = |k: &FlowKey| (k.src, k.dst, k.sport, k.dport);
+        let nat = [
+            nat_deltas(tuple(&orig), tuple(&reply.reversed())),
+            nat_deltas(tuple(&reply), tuple(&orig.reversed())),
+        ];
+        Flow { orig, reply, service, backend, generation, live: true, nat, ..Flow::EMPTY }
+    }
+
+    /// The tuple a packet of direction `dir` is rewritten to (the reverse of the other
+    /// direction's), and the checksum deltas of that rewrite ([`crate::wire::nat_apply`]).
+    #[inline(always)]
+    pub fn nat(&self, dir: Dir) -> (FlowKey, [u16; 2]) {
+        match dir {
+            Dir::Orig => (self.reply.reversed(), self.nat[0]),
+            Dir::Reply => (self.orig.reversed(), self.nat[1]),
+        }
+    }
+
+    /// The cached next hop of direction `dir` ([`Flow::set_hops`]).
+    #[inline(always)]
+    pub fn hop(&self, dir: Dir) -> u32 {
+        self.hops[dir as usize]
+    }
+
+    /// Caches the next hops of both directions for the tables of `generation` (values as
+    /// [`Flow::hop`] returns them: a route's hop index + 1, or [`HOP_NONE`]).
+    #[inline]
+    pub fn set_hops(&mut self, generation: u64, hops: [u32; 2]) {
+        self.generation = generation;
+        self.hops = hops;
     }
 
     /// Advances the state machine for one packet and refreshes the expiry.
-    #[inline]
+    #[inline(always)]
     pub fn on_packet(&mut self, dir: Dir, flags: u8, now: u64, t: &Timeouts) {
+        self.on_packet_ns(dir, flags, now, &TimeoutsNs::new(t));
+    }
+
+    #[inline(always)]
+    fn on_packet_ns(&mut self, dir: Dir, flags: u8, now: u64, t: &TimeoutsNs) {
         self.last_seen = now;
         match dir {
             Dir::Orig => self.packets_orig += 1,
@@ -283,14 +357,15 @@ impl Flow {
                 _ => State::Replied,
             },
         };
-        let timeout = if self.orig.proto == IPPROTO_TCP || self.orig.proto == IPPROTO_UDP {
-            t.of(self.state)
+        let slot = if self.orig.proto == IPPROTO_TCP || self.orig.proto == IPPROTO_UDP {
+            self.state as usize
         } else {
-            t.icmp
+            ICMP_SLOT
         };
-        self.expires = now + u64::from(timeout) * 1_000_000_000;
+        self.expires = now + t.0[slot];
     }
 
+    #[inline(never)]
     fn tcp_next(&mut self, dir: Dir, flags: u8) -> State {
         use State::*;
         let syn = flags & tcp_flags::SYN != 0;
@@ -459,6 +534,7 @@ pub struct Conntrack {
     hasher: RandomState,
     conns: Arc<ConnCounts>,
     timeouts: Timeouts,
+    timeouts_ns: TimeoutsNs,
     gc_cursor: usize,
     hand: usize,
     len: usize,
@@ -483,6 +559,7 @@ impl Conntrack {
             free,
             hasher: RandomState::new(),
             conns,
+            timeouts_ns: TimeoutsNs::new(&timeouts),
             timeouts,
             gc_cursor: 0,
             hand: 0,
@@ -529,6 +606,16 @@ impl Conntrack {
         [h as usize & self.bucket_mask, (h >> 32) as usize & self.bucket_mask]
     }
 
+    /// Bucket `b` of the index, `b` from [`Conntrack::buckets`] (so in range): the lookup
+    /// path's index reads, without a bounds check.
+    #[inline(always)]
+    fn bucket(&self, b: usize) -> &Bucket {
+        debug_assert!(b <= self.bucket_mask && self.bucket_mask < self.index.len());
+        // SAFETY: `b` is a hash masked with `bucket_mask`, and the index has exactly
+        // `bucket_mask + 1` buckets (set in `new`, never resized).
+        unsafe { self.index.get_unchecked(b) }
+    }
+
     /// Starts loading the two index lines a lookup of hash `h` reads (first pass over a batch).
     #[inline(always)]
     pub fn prefetch_buckets(&self, h: u64) {
@@ -543,14 +630,19 @@ impl Conntrack {
     /// slab is full, the first lines of the eviction candidates an insert of it would examine.
     /// Returns whether some tag matched (if not, the key is certainly not in the table).
     /// Best after [`Conntrack::prefetch_buckets`] had time to complete (second pass over a
-    /// batch).
+    /// batch). A match in the key's first bucket ends the search, as it ends the lookup: the
+    /// second bucket's line is then not waited for (a false tag match there, under one lookup
+    /// in 3,000, leaves the real record for the lookup to load).
     #[inline(always)]
     pub fn prefetch_flow(&self, h: u64) -> bool {
         let tag = tag_of(h);
         let base = self.flows.as_ptr();
         let mut hit = false;
         for b in self.buckets(h) {
-            let bk = &self.index[b];
+            if hit {
+                break;
+            }
+            let bk = self.bucket(b);
             let mut m = bk.matching(tag);
             while m != 0 {
                 let w = m.trailing_zeros() as usize;
@@ -580,15 +672,21 @@ impl Conntrack {
     }
 
     /// [`Conntrack::lookup`] with the key's hash already computed.
-    #[inline]
+    #[inline(always)]
     pub fn lookup_hashed(&mut self, key: &FlowKey, h: u64, now: u64) -> Option<(u32, Dir)> {
         let (idx, dir) = self.find(key, h)?;
         if self.flows[idx as usize].0.expires <= now {
-            self.remove_inner(idx);
-            self.stats.expired += 1;
+            self.expire(idx);
             return None;
         }
         Some((idx, dir))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn expire(&mut self, idx: u32) {
+        self.remove_inner(idx);
+        self.stats.expired += 1;
     }
 
     /// Whether a key is in use by a live (unexpired) flow.
@@ -600,7 +698,7 @@ impl Conntrack {
     fn find(&self, key: &FlowKey, h: u64) -> Option<(u32, Dir)> {
         let tag = tag_of(h);
         for b in self.buckets(h) {
-            let bk = &self.index[b];
+            let bk = self.bucket(b);
             let mut m = bk.matching(tag);
             while m != 0 {
                 let w = m.trailing_zeros() as usize;
@@ -631,10 +729,10 @@ impl Conntrack {
         &mut self.flows[idx as usize].0
     }
     /// Updates a flow's state for a packet.
-    #[inline]
+    #[inline(always)]
     pub fn on_packet(&mut self, idx: u32, dir: Dir, flags: u8, now: u64) {
-        let t = self.timeouts;
-        self.flows[idx as usize].0.on_packet(dir, flags, now, &t);
+        let Self { flows, timeouts_ns, .. } = self;
+        flows[idx as usize].0.on_packet_ns(dir, flags, now, timeouts_ns);
     }
 
     /// Counts `bytes` of a packet of flow `idx` (its record is in cache: the packet was just
@@ -682,7 +780,7 @@ impl Conntrack {
         flow.fins = 0;
         flow.packets_orig = 0;
         flow.packets_reply = 0;
-        flow.on_packet(Dir::Orig, flags, now, &self.timeouts);
+        flow.on_packet_ns(Dir::Orig, flags, now, &self.timeouts_ns);
         self.flows[idx as usize].0 = flow;
         self.place(h_orig, idx + 1, now);
         self.place(h_reply, (idx + 1) | REPLY_BIT, now);
@@ -701,29 +799,41 @@ impl Conntrack {
         let [b0, b1] = self.buckets(h);
         let (f0, f1) = (self.index[b0].free(), self.index[b1].free());
         // The less loaded of the two buckets (the power of two choices).
-        let (b, alt, free) = if f0 | f1 == 0 {
+        let (b, free) = if f0 | f1 == 0 {
             let b = self.make_room(b0, b1, slab_index(val), now);
-            (b, if b == b0 { b1 } else { b0 }, self.index[b].free())
+            (b, self.index[b].free())
         } else if f0.count_ones() >= f1.count_ones() {
-            (b0, b1, f0)
+            (b0, f0)
         } else {
-            (b1, b0, f1)
+            (b1, f1)
         };
-        self.put(b, free, val, tag_of(h), alt);
+        self.put(b, free, val, tag_of(h));
     }
 
     /// Writes `val` into a free way of bucket `b` (`free` is its mask of free ways, not empty)
     /// and records the position in the flow.
     #[inline(always)]
-    fn put(&mut self, b: usize, free: u32, val: u32, tag: u16, alt: usize) {
+    fn put(&mut self, b: usize, free: u32, val: u32, tag: u16) {
         let w = free.trailing_zeros() as usize;
         let bk = &mut self.index[b];
         bk.vals[w] = val;
         bk.tags[w] = tag;
         let d = usize::from(val & REPLY_BIT != 0);
-        let f = &mut self.flows[slab_index(val) as usize].0;
-        f.slots[d] = slot_pos(b, w);
-        f.alt[d] = alt as u32;
+        self.flows[slab_index(val) as usize].0.slots[d] = slot_pos(b, w);
+    }
+
+    /// The candidate bucket of index value `v` (sitting in bucket `b`) other than `b`: its key
+    /// hashed again (the records have no room to remember it; only [`Conntrack::make_room`],
+    /// which is rare, needs it).
+    fn other_bucket(&self, v: u32, b: usize) -> usize {
+        let f = &self.flows[slab_index(v) as usize].0;
+        let key = if v & REPLY_BIT == 0 { &f.orig } else { &f.reply };
+        let [b0, b1] = self.buckets(self.hash(key));
+        if b0 == b {
+            b1
+        } else {
+            b0
+        }
     }
 
     /// Both buckets of a new key are full: moves a key from one of them to its other candidate
@@ -734,14 +844,13 @@ impl Conntrack {
         for b in [b0, b1] {
             for w in 0..WAYS {
                 let v = self.index[b].vals[w];
-                let d = usize::from(v & REPLY_BIT != 0);
-                let alt = self.flows[slab_index(v) as usize].0.alt[d] as usize;
+                let alt = self.other_bucket(v, b);
                 let free = self.index[alt].free();
                 if alt != b && free != 0 {
                     let tag = self.index[b].tags[w];
                     self.index[b].vals[w] = 0;
                     self.index[b].tags[w] = 0;
-                    self.put(alt, free, v, tag, b);
+                    self.put(alt, free, v, tag);
                     return b;
                 }
             }
@@ -935,7 +1044,7 @@ impl Conntrack {
                 assert_eq!(f.slots[d], slot_pos(b, w), "the flow knows where its key is");
                 let h = self.hash(if d == 0 { &f.orig } else { &f.reply });
                 assert_eq!(bk.tags[w], tag_of(h));
-                let alt = f.alt[d] as usize;
+                let alt = self.other_bucket(v, b);
                 assert!(self.buckets(h) == [b, alt] || self.buckets(h) == [alt, b]);
             }
         }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use crate::affinity::AffinityTable;
 use crate::balance::{Candidate, ConnCounts, FastRng, PickKey};
-use crate::conntrack::{Conntrack, Dir, Flow, FlowKey, Timeouts};
+use crate::conntrack::{Conntrack, Dir, Flow, FlowKey, Timeouts, HOP_NONE, HOP_UNRESOLVED};
 use crate::counters::{Counters, DropReason, PassReason};
 use crate::frag::FragTable;
 use crate::mem::prefetch;
@@ -223,15 +223,29 @@ fn process_chunk(
     for (f, p) in frames.iter_mut().zip(pre.iter_mut()) {
         let len = f.len.min(f.buf.len());
         f.len = len;
-        p.parsed = wire::parse(&f.buf[..len]);
-        if let Parsed::Ipv4(o) = &p.parsed {
-            if o.has_l4 && (o.proto == IPPROTO_TCP || o.proto == IPPROTO_UDP) {
-                let key = tuple(f.buf, o);
-                let h = w.ct.hash(&key);
-                w.ct.prefetch_buckets(h);
-                p.key = Some((key, h));
+        let frame = &f.buf[..len];
+        // The common frame (its offsets are constants here) and the others, each with its
+        // own copy of the tuple read.
+        let key = match wire::parse_common(frame) {
+            Some(o) => {
+                p.parsed = Parsed::Ipv4(o);
+                tuple(frame, &o)
             }
-        }
+            None => {
+                p.parsed = wire::parse_general(frame);
+                match &p.parsed {
+                    Parsed::Ipv4(o)
+                        if o.has_l4 && (o.proto == IPPROTO_TCP || o.proto == IPPROTO_UDP) =>
+                    {
+                        tuple(frame, o)
+                    }
+                    _ => continue,
+                }
+            }
+        };
+        let h = w.ct.hash(&key);
+        w.ct.prefetch_buckets(h);
+        p.key = Some((key, h));
     }
     let mut new_flows = false;
     for p in &mut pre[..frames.len()] {
@@ -303,11 +317,13 @@ fn process_one(f: &mut Frame<'_>, p: &Pre, t: &Tables, w: &mut WorkerState, now:
 /// Reads the tuple of a TCP/UDP datagram whose L4 header is present.
 #[inline(always)]
 fn tuple(b: &[u8], o: &Offsets) -> FlowKey {
+    // Two range checks: the addresses, the ports.
+    let (a, p) = (&b[o.l3 + 12..o.l3 + 20], &b[o.l4..o.l4 + 4]);
     FlowKey {
-        src: ip::src(b, o.l3),
-        dst: ip::dst(b, o.l3),
-        sport: rd16(b, o.l4),
-        dport: rd16(b, o.l4 + 2),
+        src: u32::from_be_bytes([a[0], a[1], a[2], a[3]]),
+        dst: u32::from_be_bytes([a[4], a[5], a[6], a[7]]),
+        sport: u16::from_be_bytes([p[0], p[1]]),
+        dport: u16::from_be_bytes([p[2], p[3]]),
         proto: o.proto,
     }
 }
@@ -351,7 +367,7 @@ fn l4(
     }
     let flags = if o.proto == IPPROTO_TCP { f.buf[o.l4 + 13] } else { 0 };
     if let Some((idx, dir)) = w.ct.lookup_hashed(&key, h, now) {
-        return known_flow(f, o, t, w, now, key, h, idx, dir, flags);
+        return known_flow(f, o, t, w, now, Hit { key, h, idx, dir, flags });
     }
     let fe = fe.unwrap_or_else(|| t.frontend(&frontend_key(&key)).copied());
     if w.workers > 1 && !w.local_only {
@@ -421,7 +437,20 @@ fn new_plain_flow(
     forward_plain(f, o, t, w, key.dst)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A conntrack match: the packet's tuple and its hash, the flow's slab index, the packet's
+/// direction and its TCP flags.
+#[derive(Clone, Copy)]
+struct Hit {
+    key: FlowKey,
+    h: u64,
+    idx: u32,
+    dir: Dir,
+    flags: u8,
+}
+
+/// A packet of a flow in this worker's conntrack: translated with what the flow record
+/// prepared (the rewritten tuple, the checksum deltas, the next hop cached for this table
+/// generation), so the common case reads no table but the flow's own record.
 #[inline]
 fn known_flow(
     f: &mut Frame<'_>,
@@ -429,17 +458,63 @@ fn known_flow(
     t: &Tables,
     w: &mut WorkerState,
     now: u64,
-    key: FlowKey,
-    h: u64,
-    idx: u32,
-    dir: Dir,
-    flags: u8,
+    hit: Hit,
 ) -> Verdict {
-    let flow = *w.ct.flow(idx);
-    if flow.generation != t.generation() && flow.service != 0 {
-        let alive = t.service(flow.service).is_some_and(|s| s.backend(flow.backend).is_some());
+    let Hit { idx, dir, flags, .. } = hit;
+    let fl = w.ct.flow(idx);
+    if fl.generation != t.generation() || fl.hop(dir) == HOP_UNRESOLVED {
+        if let Err(v) = refresh_flow(f, o, t, w, now, &hit) {
+            return v;
+        }
+    }
+    w.ct.on_packet(idx, dir, flags, now);
+    w.ct.add_bytes(idx, dir, o.end - o.l3);
+    match dir {
+        Dir::Orig => w.counters.nat_forward += 1,
+        Dir::Reply => w.counters.nat_reply += 1,
+    }
+    let fl = w.ct.flow(idx);
+    let (to, deltas) = fl.nat(dir);
+    let hop = fl.hop(dir);
+    match t.routes().hop(hop.wrapping_sub(1)) {
+        Some(hop) => {
+            wire::nat_apply(f.buf, o.l3, o.l4, o.proto, to.src, to.dst, to.sport, to.dport, deltas);
+            f.buf[0..6].copy_from_slice(&hop.dst_mac);
+            f.buf[6..12].copy_from_slice(&hop.src_mac);
+            Verdict::Tx { ifindex: hop.ifindex }
+        }
+        None => {
+            // No route to the translated destination: the kernel gets the translated packet
+            // (TTL untouched), as `forward` does.
+            let l4_len = o.end - o.l4;
+            wire::rewrite_tuple(
+                f.buf, o.l3, o.l4, o.proto, true, l4_len, to.src, to.dst, to.sport, to.dport,
+            );
+            Verdict::Pass(PassReason::NoNextHop)
+        }
+    }
+}
+
+/// A known flow first seen in this table generation (or whose next hops were never
+/// resolved): checks that its backend is still there (a removed backend stops the flow: TCP
+/// gets a reset, UDP is re-balanced at once), then resolves and caches both directions' next
+/// hops. `Err` is the packet's verdict when the flow was stopped.
+#[cold]
+#[inline(never)]
+fn refresh_flow(
+    f: &mut Frame<'_>,
+    o: &Offsets,
+    t: &Tables,
+    w: &mut WorkerState,
+    now: u64,
+    hit: &Hit,
+) -> Result<(), Verdict> {
+    let Hit { key, h, idx, dir, flags } = *hit;
+    let fl = *w.ct.flow(idx);
+    if fl.generation != t.generation() && fl.service != 0 {
+        let alive = t.service(fl.service).is_some_and(|s| s.backend(fl.backend).is_some());
         if !alive {
-            let service_gone = t.service(flow.service).is_none();
+            let service_gone = t.service(fl.service).is_none();
             w.ct.remove(idx);
             if dir == Dir::Orig && key.proto == IPPROTO_UDP {
                 // Stale UDP conntrack is kube-proxy's most reported bug: re-balance at once.
@@ -447,45 +522,22 @@ fn known_flow(
                     t.frontend(&FrontendKey { ip: key.dst, port: key.dport, proto: key.proto })
                 {
                     w.counters.udp_rebalanced += 1;
-                    return new_flow(f, o, t, w, now, key, h, *fe, flags);
+                    return Err(new_flow(f, o, t, w, now, key, h, *fe, flags));
                 }
             }
             let reason =
                 if service_gone { DropReason::ServiceRemoved } else { DropReason::BackendRemoved };
             if dir == Dir::Orig && key.proto == IPPROTO_TCP && flags & tcp_flags::RST == 0 {
                 w.counters.dropped(reason);
-                return reject(f, o, w);
+                return Err(reject(f, o, w));
             }
-            return Verdict::Drop(reason);
+            return Err(Verdict::Drop(reason));
         }
-        w.ct.flow_mut(idx).generation = t.generation();
     }
-    w.ct.on_packet(idx, dir, flags, now);
-    w.ct.add_bytes(idx, dir, o.end - o.l3);
-    let to = match dir {
-        Dir::Orig => {
-            w.counters.nat_forward += 1;
-            flow.reply
-        }
-        Dir::Reply => {
-            w.counters.nat_reply += 1;
-            flow.orig
-        }
-    };
-    // A packet of this direction is rewritten to the reverse of the other direction's tuple.
-    wire::rewrite_tuple(
-        f.buf,
-        o.l3,
-        o.l4,
-        o.proto,
-        true,
-        o.end - o.l4,
-        to.dst,
-        to.src,
-        to.dport,
-        to.sport,
-    );
-    forward(f, o, t, to.src)
+    // Each direction is forwarded to the source of the other direction's tuple.
+    let hop = |dst: u32| t.routes().resolve(dst).map_or(HOP_NONE, |i| i + 1);
+    w.ct.flow_mut(idx).set_hops(t.generation(), [hop(fl.reply.src), hop(fl.orig.src)]);
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1128,5 +1180,53 @@ mod tests {
         assert!(expected.iter().any(|(v, _)| *v == Verdict::Tx { ifindex: 2 }));
         assert!(all.ct.stats().evicted > 0);
         assert_eq!(format!("{:?}", one.counters), format!("{:?}", all.counters));
+    }
+
+    /// `udp` with a given TTL.
+    fn udp_ttl(src: u32, sport: u16, dst: u32, dport: u16, ttl: u8) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 1])
+            .ipv4(Ipv4Addr::from(src).octets(), Ipv4Addr::from(dst).octets(), ttl)
+            .udp(sport, dport);
+        let mut out = Vec::with_capacity(b.size(4));
+        b.write(&mut out, b"ping").unwrap();
+        out
+    }
+
+    #[test]
+    fn known_flows_follow_route_changes_and_go_to_the_kernel_without_a_route() {
+        let t1 = tables();
+        let mut w = worker(64);
+        let (c, vip, be) = (CLIENT + 1, VIP + 1, BACKEND + 1);
+        let fwd = udp(c, 1000, vip, 53);
+        let reply = udp(be, 5353, c, 1000);
+        // New flow, then a packet of it each way: the cached next hops.
+        for _ in 0..2 {
+            let out = run(&[fwd.clone(), reply.clone()], 2, &mut w, &t1);
+            assert_eq!(out[0].0, Verdict::Tx { ifindex: 3 });
+            assert_eq!(out[1].0, Verdict::Tx { ifindex: 2 });
+            assert_eq!(out[1].1[12..], udp_ttl(vip, 53, c, 1000, 63)[12..]);
+        }
+        // Generation 2: the backends' route moves, the clients' goes away.
+        let mut routes = Routes::default();
+        let moved =
+            NextHop { ifindex: 7, src_mac: [2, 0, 0, 0, 0, 7], dst_mac: [2, 0, 0, 0, 0, 8] };
+        routes.add_prefix(Ipv4Addr::from(BACKEND), 16, moved);
+        let t2 = t1.next().routes(routes.clone()).build();
+        let out = run(&[fwd.clone(), reply.clone()], 2, &mut w, &t2);
+        assert_eq!(out[0].0, Verdict::Tx { ifindex: 7 });
+        assert_eq!(out[0].1[..12], [2, 0, 0, 0, 0, 8, 2, 0, 0, 0, 0, 7]);
+        assert_eq!(out[0].1[14..], udp_ttl(c, 1000, be, 5353, 63)[14..]);
+        // No route for the reply: the kernel gets it translated, TTL untouched.
+        assert_eq!(out[1].0, Verdict::Pass(PassReason::NoNextHop));
+        assert_eq!(out[1].1[12..], udp_ttl(vip, 53, c, 1000, 64)[12..]);
+        assert_eq!((w.counters.nat_new, w.counters.nat_forward), (1, 2));
+        assert_eq!(w.counters.nat_reply, 3);
+        // Generation 3: the route is back.
+        let hop = NextHop { ifindex: 2, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 0, 2] };
+        routes.add_prefix(Ipv4Addr::from(CLIENT), 16, hop);
+        let t3 = t2.next().routes(routes).build();
+        let out = run(&[reply], 1, &mut w, &t3);
+        assert_eq!(out[0].0, Verdict::Tx { ifindex: 2 });
+        assert_eq!(out[0].1[12..], udp_ttl(vip, 53, c, 1000, 63)[12..]);
     }
 }

@@ -263,48 +263,106 @@ pub struct NextHop {
 
 /// Next hops by destination: exact host entries (pod IPs) and prefixes (gateways), longest
 /// prefix first.
+///
+/// Every route names an entry of one array of next hops; [`Routes::resolve`] returns that
+/// entry's index, which a conntrack flow caches per direction for the table generation it was
+/// resolved in (so an established packet reads its next hop with [`Routes::hop`], one indexed
+/// load, instead of a lookup). The longest-prefix lookup is bounded whatever the number of
+/// prefixes: a scan of at most [`PREFIX_SCAN`] entries, or else one hash probe per distinct
+/// prefix length present (at most 33).
 #[derive(Clone, Debug, Default)]
 pub struct Routes {
-    hosts: HashMap<u32, NextHop, RandomState>,
-    /// (network, prefix length, next hop), sorted by prefix length, longest first.
-    prefixes: Vec<(u32, u8, NextHop)>,
+    /// Next hops; host and prefix entries hold indices into it.
+    hops: Vec<NextHop>,
+    hosts: HashMap<u32, u32, RandomState>,
+    /// (network, prefix length, hop index), sorted by prefix length, longest first.
+    prefixes: Vec<(u32, u8, u32)>,
+    /// Prefix entries by `network << 8 | length`, for tables of more than [`PREFIX_SCAN`].
+    by_prefix: HashMap<u64, u32, RandomState>,
+    /// The distinct prefix lengths present, longest first.
+    lens: Vec<u8>,
+}
+
+/// Up to this many prefixes, the lookup scans them (longest first) rather than probing a hash
+/// table per prefix length.
+pub const PREFIX_SCAN: usize = 8;
+
+#[inline(always)]
+fn prefix_key(net: u32, len: u8) -> u64 {
+    (u64::from(net) << 8) | u64::from(len)
 }
 
 impl Routes {
     /// Adds or replaces a host route.
     pub fn add_host(&mut self, ip: Ipv4Addr, hop: NextHop) {
-        self.hosts.insert(u32::from(ip), hop);
+        match self.hosts.get(&u32::from(ip)) {
+            Some(&i) => self.hops[i as usize] = hop,
+            None => {
+                self.hosts.insert(u32::from(ip), self.hops.len() as u32);
+                self.hops.push(hop);
+            }
+        }
     }
     /// Adds or replaces a prefix route (`len` 0..=32).
     pub fn add_prefix(&mut self, net: Ipv4Addr, len: u8, hop: NextHop) {
         let len = len.min(32);
         let net = u32::from(net) & prefix_mask(len);
-        self.prefixes.retain(|&(n, l, _)| !(n == net && l == len));
-        self.prefixes.push((net, len, hop));
+        if let Some(&i) = self.by_prefix.get(&prefix_key(net, len)) {
+            self.hops[i as usize] = hop;
+            return;
+        }
+        let i = self.hops.len() as u32;
+        self.hops.push(hop);
+        self.by_prefix.insert(prefix_key(net, len), i);
+        self.prefixes.push((net, len, i));
         self.prefixes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        if !self.lens.contains(&len) {
+            self.lens.push(len);
+            self.lens.sort_by(|a, b| b.cmp(a));
+        }
     }
     /// Exact host route (pod addresses).
     #[inline]
     pub fn host(&self, ip: u32) -> Option<&NextHop> {
-        self.hosts.get(&ip)
+        self.hosts.get(&ip).map(|&i| &self.hops[i as usize])
     }
     /// Longest-prefix lookup.
     #[inline]
     pub fn lookup(&self, ip: u32) -> Option<&NextHop> {
-        if let Some(h) = self.hosts.get(&ip) {
-            return Some(h);
+        self.resolve(ip).map(|i| &self.hops[i as usize])
+    }
+    /// Longest-prefix lookup, as the index of the next hop for [`Routes::hop`].
+    #[inline]
+    pub fn resolve(&self, ip: u32) -> Option<u32> {
+        if let Some(&i) = self.hosts.get(&ip) {
+            return Some(i);
         }
-        self.prefixes.iter().find(|&&(n, l, _)| ip & prefix_mask(l) == n).map(|(_, _, h)| h)
+        if self.prefixes.len() <= PREFIX_SCAN {
+            return self.prefixes.iter().find(|&&(n, l, _)| ip & prefix_mask(l) == n).map(|e| e.2);
+        }
+        self.lens
+            .iter()
+            .find_map(|&l| self.by_prefix.get(&prefix_key(ip & prefix_mask(l), l)))
+            .copied()
+    }
+    /// The next hop of an index [`Routes::resolve`] returned for this table.
+    #[inline(always)]
+    pub fn hop(&self, i: u32) -> Option<&NextHop> {
+        self.hops.get(i as usize)
     }
     /// Host routes, sorted by address.
     pub fn hosts(&self) -> Vec<(Ipv4Addr, NextHop)> {
-        let mut v: Vec<_> = self.hosts.iter().map(|(&ip, &h)| (Ipv4Addr::from(ip), h)).collect();
+        let mut v: Vec<_> = self
+            .hosts
+            .iter()
+            .map(|(&ip, &i)| (Ipv4Addr::from(ip), self.hops[i as usize]))
+            .collect();
         v.sort_by_key(|e| e.0);
         v
     }
     /// Prefix routes, longest first.
     pub fn prefixes(&self) -> impl Iterator<Item = (Ipv4Addr, u8, NextHop)> + '_ {
-        self.prefixes.iter().map(|&(n, l, h)| (Ipv4Addr::from(n), l, h))
+        self.prefixes.iter().map(|&(n, l, i)| (Ipv4Addr::from(n), l, self.hops[i as usize]))
     }
 }
 
@@ -649,5 +707,46 @@ mod tests {
         assert!(t3.is_vip(key(6, 53).ip));
         assert_eq!(t3.services().count(), 1_999);
         assert_eq!(t3.frontends().len(), 1_999);
+    }
+
+    #[test]
+    fn route_lookup_is_the_longest_matching_prefix_at_any_table_size() {
+        let hop = |i: u32| NextHop { ifindex: i, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2; 6] };
+        let mut rng = crate::balance::FastRng::new(11);
+        for n in [0usize, 1, 3, PREFIX_SCAN, PREFIX_SCAN + 1, 200] {
+            let mut r = Routes::default();
+            let mut all: Vec<(u32, u8, u32)> = Vec::new();
+            for i in 0..n as u32 {
+                // Prefixes clustered in 10.0.0.0/8, so that they nest and overlap.
+                let len = (rng.next_u64() % 33) as u8;
+                let net = (0x0a00_0000 | (rng.next_u64() as u32 & 0x00ff_ffff)) & prefix_mask(len);
+                r.add_prefix(Ipv4Addr::from(net), len, hop(i + 1));
+                all.retain(|&(a, l, _)| !(a == net && l == len));
+                all.push((net, len, i + 1));
+            }
+            r.add_host(Ipv4Addr::new(10, 1, 2, 3), hop(1000));
+            r.add_host(Ipv4Addr::new(10, 1, 2, 3), hop(1001));
+            for k in 0..5_000u32 {
+                let ip = if k == 0 {
+                    0x0a01_0203
+                } else {
+                    0x0a00_0000 | (rng.next_u64() as u32 & 0x00ff_ffff)
+                };
+                // The reference: the host route, else the longest matching prefix.
+                let want = if ip == 0x0a01_0203 {
+                    Some(1001)
+                } else {
+                    all.iter()
+                        .filter(|&&(a, l, _)| ip & prefix_mask(l) == a)
+                        .max_by_key(|e| e.1)
+                        .map(|e| e.2)
+                };
+                assert_eq!(r.lookup(ip).map(|h| h.ifindex), want, "{n} prefixes, {ip:#x}");
+                let i = r.resolve(ip);
+                assert_eq!(i.and_then(|i| r.hop(i)), r.lookup(ip));
+            }
+            assert_eq!(r.prefixes().count(), all.len());
+            assert_eq!(r.hosts().len(), 1);
+        }
     }
 }

@@ -46,9 +46,13 @@ pub mod tcp_flags {
     pub const ACK: u8 = 0x10;
 }
 
+// One bounds check per access (a range), then a plain (unaligned) load or store.
+
 #[inline(always)]
 pub(crate) fn rd16(b: &[u8], off: usize) -> u16 {
-    u16::from_be_bytes([b[off], b[off + 1]])
+    let mut a = [0u8; 2];
+    a.copy_from_slice(&b[off..off + 2]);
+    u16::from_be_bytes(a)
 }
 
 #[inline(always)]
@@ -58,7 +62,9 @@ pub(crate) fn wr16(b: &mut [u8], off: usize, v: u16) {
 
 #[inline(always)]
 pub(crate) fn rd32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[off..off + 4]);
+    u32::from_be_bytes(a)
 }
 
 #[inline(always)]
@@ -172,8 +178,73 @@ pub enum Parsed {
 }
 
 /// Finds the headers of `frame`, checking every length before any later read relies on it.
-#[inline]
+///
+/// The common frame (Ethernet II without VLAN tag, IPv4 without options, not a fragment, TCP
+/// or UDP) is recognised by [`parse_common`] with a few checks on fixed offsets; anything else
+/// (or anything it doubts) goes through the general parser, which classifies it.
+#[inline(always)]
 pub fn parse(frame: &[u8]) -> Parsed {
+    match parse_common(frame) {
+        Some(o) => Parsed::Ipv4(o),
+        None => parse_general(frame),
+    }
+}
+
+/// Smallest common frame: Ethernet, a 20-byte IPv4 header and a UDP header.
+const COMMON_MIN: usize = ETH_HLEN + 20 + 8;
+
+/// The fast path of [`parse`] (which the batch pipeline also calls directly, to specialise
+/// the common case): `Some` only for a well-formed Ethernet II / IPv4 (IHL 5, not a
+/// fragment) / TCP or UDP frame, with exactly the offsets the general parser would find.
+#[inline(always)]
+pub fn parse_common(frame: &[u8]) -> Option<Offsets> {
+    let h: &[u8; COMMON_MIN] = frame.first_chunk()?;
+    // EtherType IPv4, version 4 with IHL 5, no MF and fragment offset 0 (DF may be set).
+    let frag = u16::from_be_bytes([h[20], h[21]]);
+    if h[12] != 0x08 || h[13] != 0x00 || h[14] != 0x45 || frag & 0x3fff != 0 {
+        return None;
+    }
+    let proto = h[23];
+    let total = usize::from(u16::from_be_bytes([h[16], h[17]]));
+    let end = ETH_HLEN + total;
+    if end > frame.len() {
+        return None;
+    }
+    // The header checksum: the ten 16-bit words sum to 0xffff (one's complement). The sum is
+    // taken in native byte order (RFC 1071: byte order does not matter to the one's-complement
+    // sum; 0xffff reads the same swapped).
+    let w = |i: usize| u64::from(u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]));
+    let sum = w(14) + w(18) + w(22) + w(26) + w(30);
+    let s = (sum & 0xffff_ffff) + (sum >> 32);
+    let s = (s & 0xffff) + (s >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    if s != 0xffff {
+        return None;
+    }
+    let l4 = ETH_HLEN + 20;
+    let avail = total.checked_sub(20)?;
+    let ok = match proto {
+        IPPROTO_UDP => {
+            let ulen = usize::from(u16::from_be_bytes([h[38], h[39]]));
+            avail >= 8 && ulen >= 8 && ulen <= avail
+        }
+        IPPROTO_TCP => {
+            // `avail >= 20` puts byte 46 inside the datagram, so inside the frame.
+            avail >= 20 && {
+                let doff = usize::from(frame[l4 + 12] >> 4) * 4;
+                doff >= 20 && doff <= avail
+            }
+        }
+        _ => false,
+    };
+    ok.then_some(Offsets { l3: ETH_HLEN, l4, end, proto, has_l4: true, fragment: false })
+}
+
+/// The general parser: VLAN tags, IP options, fragments, other protocols, malformed frames
+/// (and, correctly but slowly, the common frame too).
+#[inline(never)]
+pub fn parse_general(frame: &[u8]) -> Parsed {
     if frame.len() < ETH_HLEN {
         return Parsed::EthTruncated;
     }
@@ -384,19 +455,92 @@ pub fn rewrite_tuple(
             }
             wr16(b, l4 + coff, c);
         }
-        IPPROTO_ICMP => {
-            // ICMP query id plays the port's role; ICMP's checksum has no pseudo-header.
-            if l4_len >= 8 {
-                let old_id = rd16(b, l4 + 4);
-                if old_id != sport {
-                    wr16(b, l4 + 4, sport);
-                    let c = csum_replace2(rd16(b, l4 + 2), old_id, sport);
-                    wr16(b, l4 + 2, c);
-                }
+        // ICMP query id plays the port's role; ICMP's checksum has no pseudo-header.
+        IPPROTO_ICMP if l4_len >= 8 => {
+            let old_id = rd16(b, l4 + 4);
+            if old_id != sport {
+                wr16(b, l4 + 4, sport);
+                let c = csum_replace2(rd16(b, l4 + 2), old_id, sport);
+                wr16(b, l4 + 2, c);
             }
         }
         _ => {}
     }
+}
+
+/// One's-complement sum folded to 16 bits, not complemented (0 only for a zero sum).
+#[inline(always)]
+fn csum_fold_sum(sum: u32) -> u16 {
+    let s = (sum & 0xffff) + (sum >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// RFC 1624's `~m + m'` of the TTL word (TTL, protocol) when the TTL drops by one: the word
+/// loses 0x100, so the sum is `~m + m - 0x100 = 0xffff - 0x100` whatever the TTL (above 1).
+const TTL_DEC_DELTA: u32 = 0xfeff;
+
+/// A translation of one direction of a flow, prepared when the flow is created: the checksum
+/// deltas (RFC 1624 `~m + m'`, folded) that rewriting a packet from tuple `from` to tuple `to`
+/// adds to the IP header checksum (the addresses, and the TTL decrement of forwarding) and to
+/// the TCP/UDP checksum (the pseudo-header's addresses and the ports). See [`nat_apply`].
+/// Tuples are (source address, destination address, source port, destination port).
+pub fn nat_deltas(from: (u32, u32, u16, u16), to: (u32, u32, u16, u16)) -> [u16; 2] {
+    let mut addr = 0;
+    if from.0 != to.0 {
+        addr += delta32(from.0, to.0);
+    }
+    if from.1 != to.1 {
+        addr += delta32(from.1, to.1);
+    }
+    let mut l4 = addr;
+    if from.2 != to.2 {
+        l4 += delta16(from.2, to.2);
+    }
+    if from.3 != to.3 {
+        l4 += delta16(from.3, to.3);
+    }
+    [csum_fold_sum(addr + TTL_DEC_DELTA), csum_fold_sum(l4)]
+}
+
+/// Translates and forwards a TCP or UDP packet of a known flow: writes the new tuple,
+/// decrements the TTL (the caller checked it is above 1) and applies the deltas
+/// [`nat_deltas`] prepared for the packet's tuple (which the caller matched exactly) with one
+/// fold per checksum (RFC 1624 eqn. 3). A UDP checksum of 0 (none) stays 0, a computed 0 is
+/// sent as 0xffff. The L4 header must be present in the frame ([`parse`] checked it).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn nat_apply(
+    b: &mut [u8],
+    l3: usize,
+    l4: usize,
+    proto: u8,
+    src: u32,
+    dst: u32,
+    sport: u16,
+    dport: u16,
+    deltas: [u16; 2],
+) {
+    let ip = &mut b[l3..l3 + 20];
+    ip[8] -= 1;
+    wr32(ip, 12, src);
+    wr32(ip, 16, dst);
+    let c = csum_apply(rd16(ip, 10), u32::from(deltas[0]));
+    wr16(ip, 10, c);
+    let udp = proto == IPPROTO_UDP;
+    let coff = if udp { 6 } else { 16 };
+    let h = &mut b[l4..l4 + coff + 2];
+    wr16(h, 0, sport);
+    wr16(h, 2, dport);
+    let old = rd16(h, coff);
+    if udp && old == 0 {
+        return; // No checksum: stays absent.
+    }
+    let mut c = csum_apply(old, u32::from(deltas[1]));
+    if udp && c == 0 {
+        c = 0xffff;
+    }
+    wr16(h, coff, c);
 }
 
 /// Formats a host-order IPv4 address.
@@ -454,5 +598,99 @@ mod tests {
         f[12] = 0x86;
         f[13] = 0xdd;
         assert_eq!(parse(&f), Parsed::Ipv6);
+    }
+
+    /// A UDP (or TCP) frame: Ethernet, IPv4 without options, the L4 header, a payload.
+    fn frame(proto: u8) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 20 + 6];
+        f[12] = 0x08;
+        let total = (f.len() - 14) as u16;
+        let ip = [0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0, 10, 0, 0, 1, 10, 96, 0, 10];
+        f[14..34].copy_from_slice(&ip);
+        wr16(&mut f, 16, total);
+        ip::fill_checksum(&mut f, 14);
+        wr16(&mut f, 34, 40000);
+        wr16(&mut f, 36, 53);
+        if proto == IPPROTO_UDP {
+            wr16(&mut f, 38, total - 20);
+        } else {
+            f[46] = 5 << 4;
+        }
+        f
+    }
+
+    #[test]
+    fn the_fast_parser_agrees_with_the_general_one() {
+        let mut rng = crate::balance::FastRng::new(5);
+        let mut fast = 0;
+        for n in 0..200_000u32 {
+            let mut f = frame(if n % 2 == 0 { IPPROTO_UDP } else { IPPROTO_TCP });
+            // Mostly one or two corrupted bytes among the headers, sometimes a truncation.
+            for _ in 0..(n % 3) {
+                let i = (rng.next_u64() % 56) as usize;
+                f[i] = rng.next_u64() as u8;
+            }
+            if n % 7 == 0 {
+                f.truncate((rng.next_u64() % 60) as usize);
+            }
+            let general = parse_general(&f);
+            if let Some(o) = parse_common(&f) {
+                assert_eq!(Parsed::Ipv4(o), general, "{f:02x?}");
+                fast += 1;
+            }
+            assert_eq!(parse(&f), general);
+        }
+        // Intact frames (a third of them) take the fast path.
+        assert!(fast > 60_000, "{fast}");
+    }
+
+    #[test]
+    fn precomputed_nat_equals_a_full_recompute() {
+        let mut rng = crate::balance::FastRng::new(9);
+        for n in 0..20_000u32 {
+            let proto = if n % 2 == 0 { IPPROTO_UDP } else { IPPROTO_TCP };
+            let mut f = frame(proto);
+            for b in &mut f[54..] {
+                *b = rng.next_u64() as u8;
+            }
+            let coff = if proto == IPPROTO_UDP { 40 } else { 50 };
+            let l4sum = |f: &[u8]| {
+                let mut s = csum_partial(&f[26..34], 0) + u32::from(proto) + (f.len() - 34) as u32;
+                s = csum_partial(&f[34..], s);
+                s
+            };
+            let c = csum_fold(l4sum(&f));
+            wr16(&mut f, coff, if c == 0 && proto == IPPROTO_UDP { 0xffff } else { c });
+            if proto == IPPROTO_UDP && n % 5 == 0 {
+                wr16(&mut f, coff, 0); // No checksum.
+            }
+            let before = f.clone();
+            // Some fields kept, others changed.
+            let r = |keep: bool, old: u32, x: u64| if keep { old } else { x as u32 };
+            let from = (rd32(&f, 26), rd32(&f, 30), rd16(&f, 34), rd16(&f, 36));
+            let to = (
+                r(n % 4 == 0, from.0, rng.next_u64()),
+                r(n % 4 == 1, from.1, rng.next_u64()),
+                r(n % 3 == 0, u32::from(from.2), rng.next_u64()) as u16,
+                r(n % 3 == 1, u32::from(from.3), rng.next_u64()) as u16,
+            );
+            nat_apply(&mut f, 14, 34, proto, to.0, to.1, to.2, to.3, nat_deltas(from, to));
+            assert_eq!((rd32(&f, 26), rd32(&f, 30), rd16(&f, 34), rd16(&f, 36)), to);
+            assert_eq!(f[22], 63);
+            // The IP header checksums to 0xffff again; the L4 checksum is what a full
+            // computation gives (UDP: 0 kept, a computed 0 sent as 0xffff).
+            assert_eq!(csum_fold(csum_partial(&f[14..34], 0)), 0);
+            let got = rd16(&f, coff);
+            if proto == IPPROTO_UDP && rd16(&before, coff) == 0 {
+                assert_eq!(got, 0);
+            } else {
+                wr16(&mut f, coff, 0);
+                let mut want = csum_fold(l4sum(&f));
+                if proto == IPPROTO_UDP && want == 0 {
+                    want = 0xffff;
+                }
+                assert_eq!(got, want, "{n}");
+            }
+        }
     }
 }
