@@ -22,7 +22,8 @@
 //! Before criterion it prints, per size, the tables' shape and memory and the share of tuples
 //! allowed (which must be 50% everywhere).
 //!
-//! `cargo bench -p control --bench policy_lookup`
+//! `cargo bench -p control --bench policy_lookup`; for callgrind, the profile mode: see
+//! `profile` (`KXDP_POLICY_PROFILE=check:10000:110`).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -167,7 +168,62 @@ fn bench_check(
     });
 }
 
+/// `KXDP_POLICY_PROFILE=<what>:<policies>:<rounds>` (what: `check` or `pipeline`): build
+/// one size only, run `rounds` rounds of 4,096 tuples or frames without criterion and exit.
+/// For callgrind: two runs with different `rounds`, the difference in instructions divided
+/// by the extra tuples is the cost per tuple with the set-up removed.
+fn profile(spec: &str) {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let [what, n, rounds] = parts[..] else { panic!("want <what>:<policies>:<rounds>") };
+    let (n, rounds): (usize, usize) =
+        (n.parse().expect("policies"), rounds.parse().expect("rounds"));
+    let t = tables(n);
+    let p = t.policy();
+    let tuples = traffic(p, Some(u32::from(synthetic_pod_ip(0))));
+    let mut ok = 0usize;
+    match what {
+        "check" => {
+            for _ in 0..rounds {
+                for &(s, d, proto, port) in &tuples {
+                    ok += usize::from(black_box(p).check(s, d, proto, port).is_ok());
+                }
+            }
+        }
+        "pipeline" => {
+            let frames = frames(&tuples);
+            let mut w = worker(1 << 20, 16);
+            let mut batch = Batch::new();
+            for r in 0..rounds {
+                let sport = 1024 + r as u16;
+                for c in frames.chunks(BATCH) {
+                    ok += batch.run_with_sport(c, Some(sport), &t, &mut w, 0).len();
+                }
+            }
+        }
+        _ => panic!("what: check or pipeline"),
+    }
+    println!("{what}/{n}: {rounds} rounds, {ok}");
+}
+
+/// Frames for the tuples: TCP SYN or UDP, as the tuple says.
+fn frames(tuples: &[Tuple]) -> Vec<Vec<u8>> {
+    tuples
+        .iter()
+        .map(|&(s, d, proto, port)| {
+            let (s, d) = (Ipv4Addr::from(s), Ipv4Addr::from(d));
+            if proto == UDP {
+                udp_frame(s, 1024, d, port)
+            } else {
+                tcp_syn_frame(s, 1024, d, port)
+            }
+        })
+        .collect()
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var("KXDP_POLICY_PROFILE") {
+        return profile(&spec);
+    }
     let mut c = Criterion::default().configure_from_args();
     let sizes = [1usize, 1_000, 10_000];
     let built: Vec<Tables> = sizes.iter().map(|&n| tables(n)).collect();
@@ -194,17 +250,7 @@ fn main() {
             dsts.len(),
         );
         println!("{}", memory_line(*n, p));
-        let frames: Vec<Vec<u8>> = tuples
-            .iter()
-            .map(|&(s, d, proto, port)| {
-                let (s, d) = (Ipv4Addr::from(s), Ipv4Addr::from(d));
-                if proto == UDP {
-                    udp_frame(s, 1024, d, port)
-                } else {
-                    tcp_syn_frame(s, 1024, d, port)
-                }
-            })
-            .collect();
+        let frames = frames(&tuples);
         mixes.push((tuples, spread, frames));
     }
     let mut g = c.benchmark_group("policy");
