@@ -85,6 +85,18 @@ pub fn udp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8
     out
 }
 
+/// A TCP SYN from `src:sport` to `dst:dport` (the source port sits where a UDP frame's does,
+/// so [`Batch::run_with_sport`] renews it the same way).
+pub fn tcp_syn_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 1, 0], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 64_240)
+        .syn();
+    let mut out = Vec::with_capacity(b.size(0));
+    b.write(&mut out, &[]).unwrap();
+    out
+}
+
 /// A worker with room for `flows` flows.
 pub fn worker(flows: usize, backends: usize) -> WorkerState {
     let cfg = WorkerConfig { conntrack_capacity: flows, ..WorkerConfig::default() };

@@ -3,21 +3,28 @@
 //! synthetic clusters of `control::synthetic`, and the whole pipeline on new pod-to-pod flows
 //! with that policy active.
 //!
-//! - `check/N`: 4,096 (source, destination, protocol, port) tuples cycled through: sources are
-//!   pods anywhere in the cluster and addresses inside and outside the policies' `ipBlock`s,
-//!   destinations are the pods of this node (every one selected by some policy), ports and
-//!   protocols those the policies name and others. Each iteration checks 64 of them.
-//! - `check-isolated/N`: the same tuples, all to pod 0 of this node, which policy 0 isolates at
-//!   every size: every check does the full lookup (both endpoints, the source's identity, the
-//!   destination's ingress set).
-//! - `pipeline/N`: `process_batch` on 64 UDP frames, every one a new flow from such a source to
-//!   a pod of this node (its policy checked, then tracked or dropped).
+//! The traffic has the same mix at every size, so only the number of policies differs:
+//! - the destination is pod 0 of this node, which policy 0 isolates for ingress at every
+//!   size (its allow set grows with the policies; the bench prints its number of entries);
+//! - sources are pods anywhere in the cluster (1% of them on this node, where they may be
+//!   isolated for egress too), so every check finds both endpoints and does the full lookup;
+//! - exactly half of the 4,096 tuples are allowed: those are drawn from the destination's
+//!   allow set (a peer identity it names, a pod with that identity, a port in its ranges), the
+//!   others are random (source, TCP/UDP port) pairs the tables refuse.
 //!
-//! The share of allowed tuples differs between sizes (more policies allow more), so it is
-//! printed; allowed and refused checks cost the same lookups.
+//! Benchmarks:
+//! - `check/N`: `PolicyTables::check` over the tuples, 64 per iteration;
+//! - `check-spread/N`: the same, to every pod of this node isolated for ingress whose set names
+//!   a pod identity (1 pod at 1 policy, 50 above: more sets touched, so less cache-friendly);
+//! - `pipeline/N`: `process_batch` on 64 frames of the `check` tuples (TCP SYN or UDP, as the
+//!   tuple says), every one a new flow: its policy checked, then tracked or dropped.
+//!
+//! Before criterion it prints, per size, the tables' shape and memory and the share of tuples
+//! allowed (which must be 50% everywhere).
 //!
 //! `cargo bench -p control --bench policy_lookup`
 
+use std::collections::HashMap;
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -26,14 +33,14 @@ use control::policy::PolicyCompiler;
 use control::store::{Event, Store};
 use control::synthetic::{synthetic_cluster, synthetic_pod_ip, SYNTHETIC_NODE};
 use criterion::{Criterion, Throughput};
-use dataplane::policy::PolicyTables;
+use dataplane::policy::{Identity, PolicyTables, ANY_PROTO, NOT_ISOLATED};
 use dataplane::tables::{NextHop, Routes, Tables};
-use kxdp_benches::{udp_frame, worker, Batch, BATCH};
+use kxdp_benches::{tcp_syn_frame, udp_frame, worker, Batch, BATCH};
 
 const PODS: usize = 10_000;
-/// Pods 0..100 run on the local node (`control::synthetic`).
-const LOCAL: usize = 100;
 const TUPLES: usize = 4096;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
 
 fn tables(policies: usize) -> Tables {
     let mut st = Store::new();
@@ -50,93 +57,165 @@ fn tables(policies: usize) -> Tables {
     b.build()
 }
 
-/// Tuple `k`: (source, destination, protocol, destination port).
-fn tuple(k: usize) -> (Ipv4Addr, Ipv4Addr, u8, u16) {
-    let x = (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20;
-    let src = match k % 4 {
-        // An address of the policies' ipBlocks (some in an except).
-        3 => Ipv4Addr::new(192, 168, (x % 256) as u8, (x >> 8) as u8),
-        _ => synthetic_pod_ip((x % PODS as u64) as usize),
-    };
-    let dst = synthetic_pod_ip((x >> 16) as usize % LOCAL);
-    let (proto, port) = match (x >> 24) % 5 {
-        0 => (6, 8080),
-        1 => (6, 9050),
-        2 => (6, 5432),
-        3 => (17, 53),
-        _ => (6, 22),
-    };
-    (src, dst, proto, port)
+/// A deterministic pseudo-random sequence (xorshift64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+type Tuple = (u32, u32, u8, u16);
+/// A destination and the (peer pod identity, protocol, port ranges) entries it allows.
+type Dest = (u32, Vec<(Identity, u8, Vec<(u16, u16)>)>);
+
+/// The tuples for one size: half allowed, half refused, every one between two pods with a
+/// full lookup (see the module docs).
+fn traffic(t: &PolicyTables, only: Option<u32>) -> Vec<Tuple> {
+    let u = t.update();
+    let mut by_id: HashMap<Identity, Vec<u32>> = HashMap::new();
+    for (ip, e) in &u.endpoints {
+        by_id.entry(e.identity).or_default().push(u32::from(*ip));
+    }
+    let pods: Vec<u32> = u.endpoints.iter().map(|(ip, _)| u32::from(*ip)).collect();
+    // Destinations and the TCP/UDP (peer pod identity, proto, ranges) entries they allow.
+    let mut dsts: Vec<Dest> = Vec::new();
+    for (ip, e) in &u.endpoints {
+        if e.ingress == NOT_ISOLATED || only.is_some_and(|d| d != u32::from(*ip)) {
+            continue;
+        }
+        let set = &u.sets[e.ingress as usize - 1];
+        let entries: Vec<_> = set
+            .peers
+            .iter()
+            .filter(|(id, p, _)| *p != ANY_PROTO && by_id.contains_key(id))
+            .cloned()
+            .collect();
+        if !entries.is_empty() {
+            dsts.push((u32::from(*ip), entries));
+        }
+    }
+    assert!(!dsts.is_empty(), "some destination allows some pod");
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut out = Vec::with_capacity(TUPLES);
+    let mut tries = 0usize;
+    while out.len() < TUPLES {
+        tries += 1;
+        assert!(tries < 1_000 * TUPLES, "cannot draw the traffic mix");
+        let (dst, entries) = &dsts[rng.below(dsts.len())];
+        let want = out.len() % 2 == 0;
+        let tuple = if want {
+            let (id, proto, ranges) = &entries[rng.below(entries.len())];
+            let srcs = &by_id[id];
+            let (a, b) = ranges[rng.below(ranges.len())];
+            let port = a + (rng.below(usize::from(b - a) + 1) as u16);
+            (srcs[rng.below(srcs.len())], *dst, *proto, port)
+        } else {
+            let (proto, port) = match rng.below(5) {
+                0 => (TCP, 8080),
+                1 => (TCP, 9050),
+                2 => (TCP, 5432),
+                3 => (UDP, 53),
+                _ => (TCP, 22),
+            };
+            (pods[rng.below(pods.len())], *dst, proto, port)
+        };
+        // The source may be a local pod isolated for egress: keep only what the tables say.
+        if tuple.0 != tuple.1 && t.check(tuple.0, tuple.1, tuple.2, tuple.3).is_ok() == want {
+            out.push(tuple);
+        }
+    }
+    out
+}
+
+/// Heap bytes of the tables' parts, as `PolicyTables::memory` reports them.
+fn memory_line(n: usize, t: &PolicyTables) -> String {
+    let m = t.memory();
+    format!(
+        "{n} policies: tables {} kB (endpoints {} kB, ranges {} kB, allow sets {} kB)",
+        m.total() / 1024,
+        m.endpoints / 1024,
+        m.ranges / 1024,
+        m.sets / 1024
+    )
+}
+
+fn bench_check(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: String,
+    t: &Tables,
+    tuples: &[Tuple],
+) {
+    let mut i = 0usize;
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            let p = t.policy();
+            let mut ok = 0u32;
+            for &(s, d, proto, port) in &tuples[i..i + BATCH] {
+                ok += u32::from(p.check(s, d, proto, port).is_ok());
+            }
+            i = (i + BATCH) % TUPLES;
+            black_box(ok)
+        })
+    });
 }
 
 fn main() {
     let mut c = Criterion::default().configure_from_args();
-    let tuples: Vec<(u32, u32, u8, u16)> = (0..TUPLES)
-        .map(|k| {
-            let (s, d, p, port) = tuple(k);
-            (u32::from(s), u32::from(d), p, port)
-        })
-        .collect();
-    let frames: Vec<Vec<u8>> = (0..TUPLES)
-        .map(|k| {
-            let (s, d, _, _) = tuple(k);
-            udp_frame(s, 1024, d, 8080)
-        })
-        .collect();
     let sizes = [1usize, 1_000, 10_000];
     let built: Vec<Tables> = sizes.iter().map(|&n| tables(n)).collect();
+    let mut mixes = Vec::new();
+    let pod0 = u32::from(synthetic_pod_ip(0));
     for (n, t) in sizes.iter().zip(&built) {
-        let allowed = tuples
-            .iter()
-            .filter(|&&(s, d, p, port)| t.policy().check(s, d, p, port).is_ok())
-            .count();
+        let p = t.policy();
+        let tuples = traffic(p, Some(pod0));
+        let spread = traffic(p, None);
+        let allowed =
+            |v: &[Tuple]| v.iter().filter(|&&(s, d, pr, po)| p.check(s, d, pr, po).is_ok()).count();
+        let dsts: std::collections::BTreeSet<u32> = spread.iter().map(|t| t.1).collect();
+        let set = p.update().endpoints.iter().find(|(ip, _)| u32::from(*ip) == pod0);
+        let entries = set.map_or(0, |(_, e)| p.update().sets[e.ingress as usize - 1].peers.len());
         println!(
-            "{n} policies: {} endpoints, {} allow sets; {allowed} of {TUPLES} tuples allowed",
-            t.policy().update().endpoints.len(),
-            t.policy().update().sets.len()
+            "{n} policies: {} endpoints, {} ranges, {} allow sets; pod 0's ingress set: {entries} \
+             peer entries; allowed: {} of {TUPLES} (check), {} of {TUPLES} to {} destinations \
+             (check-spread)",
+            p.update().endpoints.len(),
+            p.update().ranges.len(),
+            p.update().sets.len(),
+            allowed(&tuples),
+            allowed(&spread),
+            dsts.len(),
         );
+        println!("{}", memory_line(*n, p));
+        let frames: Vec<Vec<u8>> = tuples
+            .iter()
+            .map(|&(s, d, proto, port)| {
+                let (s, d) = (Ipv4Addr::from(s), Ipv4Addr::from(d));
+                if proto == UDP {
+                    udp_frame(s, 1024, d, port)
+                } else {
+                    tcp_syn_frame(s, 1024, d, port)
+                }
+            })
+            .collect();
+        mixes.push((tuples, spread, frames));
     }
     let mut g = c.benchmark_group("policy");
     g.throughput(Throughput::Elements(BATCH as u64));
-    for (n, t) in sizes.iter().zip(&built) {
-        let mut i = 0usize;
-        g.bench_function(format!("check/{n}"), |b| {
-            b.iter(|| {
-                let p = t.policy();
-                let mut ok = 0u32;
-                for &(s, d, proto, port) in &tuples[i..i + BATCH] {
-                    ok += u32::from(p.check(s, d, proto, port).is_ok());
-                }
-                i = (i + BATCH) % TUPLES;
-                black_box(ok)
-            })
-        });
+    for ((n, t), (tuples, _, _)) in sizes.iter().zip(&built).zip(&mixes) {
+        bench_check(&mut g, format!("check/{n}"), t, tuples);
     }
-    let to_pod0: Vec<(u32, u32, u8, u16)> = tuples
-        .iter()
-        .map(|&(s, _, p, port)| (s, u32::from(synthetic_pod_ip(0)), p, port))
-        .collect();
-    for (n, t) in sizes.iter().zip(&built) {
-        assert!(t.policy().isolated(u32::from(synthetic_pod_ip(0))));
-        let allowed = to_pod0
-            .iter()
-            .filter(|&&(s, d, p, port)| t.policy().check(s, d, p, port).is_ok())
-            .count();
-        println!("{n} policies, to pod 0: {allowed} of {TUPLES} allowed");
-        let mut i = 0usize;
-        g.bench_function(format!("check-isolated/{n}"), |b| {
-            b.iter(|| {
-                let p = t.policy();
-                let mut ok = 0u32;
-                for &(s, d, proto, port) in &to_pod0[i..i + BATCH] {
-                    ok += u32::from(p.check(s, d, proto, port).is_ok());
-                }
-                i = (i + BATCH) % TUPLES;
-                black_box(ok)
-            })
-        });
+    for ((n, t), (_, spread, _)) in sizes.iter().zip(&built).zip(&mixes) {
+        bench_check(&mut g, format!("check-spread/{n}"), t, spread);
     }
-    for (n, t) in sizes.iter().zip(&built) {
+    for ((n, t), (_, _, frames)) in sizes.iter().zip(&built).zip(&mixes) {
         let mut w = worker(1 << 20, 16);
         let mut batch = Batch::new();
         let (mut i, mut sport) = (0usize, 1024u16);

@@ -41,11 +41,26 @@
 //! Selector evaluation is memoized per *label key* (namespace, its labels, pod labels): for
 //! each key in use, which policies select it and which rule peers match it. A new pod with a
 //! known label key costs no selector evaluation; a new key is evaluated against every policy
-//! once; a changed policy is evaluated against every key once. Pod records are recomputed
-//! only for changed pods (and pods of changed namespaces). The update itself (numbering,
-//! reverse indexes, allow sets of this node's identities) is assembled whole on every pass
-//! that touched policy input, in time linear in pods plus the size of the output, and is
-//! published only when it differs from the previous one.
+//! once; a changed policy is evaluated against every key once.
+//!
+//! Everything after selection is kept between passes too. Each address is linked to one
+//! identity (counted per identity, and per identity on this node); identities have internal
+//! ids that stay put while they live, and the reverse indexes (pod peer -> identities, block
+//! -> identities) and this node's allow sets are expressed in those ids. A pass then:
+//! - re-links only the changed pods (and the pods of changed namespaces);
+//! - for each identity that appeared or went away, updates the reverse indexes through its
+//!   memo entry, and adds to or removes from the existing allow sets the entries for that
+//!   one peer;
+//! - recomputes whole only the allow sets of identities new on this node and of identities
+//!   in the namespace of a changed policy (a policy can select pods of its namespace only);
+//! - starts identities over only when the `ipBlock`s change (they cut the classes).
+//!
+//! The update is then assembled from that state: numbers by rank (block classes first, then
+//! pod identities in key order, as a fresh compile numbers them, so an incremental update
+//! equals a full compile of the same objects exactly), allow sets translated and
+//! deduplicated, every address listed. That is linear in identities, set entries and
+//! addresses, with no selector work and nothing per policy; it is published only when it
+//! differs from the previous one.
 //!
 //! Invariants: identity 0 never appears; no pod has [`WORLD`]; every set index an endpoint
 //! names exists; endpoints are sorted by address and unique; ranges are sorted, adjacent
@@ -632,6 +647,47 @@ struct PodRec {
     node: String,
     label_key: Arc<LabelKey>,
     ports: Arc<[NamedPort]>,
+    /// The address's block class.
+    class: u32,
+}
+
+/// The pods at one address: the first by key is the one in the update, linked to its
+/// identity as `linked` (internal id, on this node).
+#[derive(Clone, Debug, Default)]
+struct IpEntry {
+    keys: BTreeSet<ObjKey>,
+    linked: Option<(u32, bool)>,
+}
+
+/// Allow sets as kept between passes: peers by internal identity id (stable while the
+/// identity lives), port ranges normalized.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct LocalSet {
+    peers: BTreeMap<(u32, u8), Vec<(u16, u16)>>,
+    any_peer: BTreeMap<u8, Vec<(u16, u16)>>,
+}
+
+/// One identity between passes. Its slab index is its internal id; the update's number is
+/// its rank, assigned at assembly.
+#[derive(Debug)]
+struct IdState {
+    /// `None` for a block class's identity.
+    key: Option<IdKey>,
+    /// Addresses in the update with this identity, and how many of them are on this node.
+    count: usize,
+    local: usize,
+    /// Whether the peer indexes include it (it was settled with `count > 0`).
+    live: bool,
+    /// (ingress, egress) allow sets while `local > 0` (`None` inside: not isolated).
+    sets: Option<[Option<LocalSet>; 2]>,
+    /// `sets` in the update's numbers, kept while neither they nor the numbering change.
+    specs: Option<[Option<AllowSetSpec>; 2]>,
+}
+
+impl IdState {
+    fn ports(&self) -> &[NamedPort] {
+        self.key.as_ref().map_or(&[], |k| &k.ports)
+    }
 }
 
 /// The pod's first IPv4 address, if it takes part in policy at all.
@@ -730,6 +786,24 @@ pub struct PolicyCompiler {
     ns_memo: HashMap<Labels, Vec<PeerRef>>,
     ns_labels: HashMap<String, Labels>,
     pods: BTreeMap<ObjKey, PodRec>,
+    /// Pod addresses and the identity each one is counted under.
+    by_ip: BTreeMap<Ipv4Addr, IpEntry>,
+    /// Identities by internal id (`None`: free, listed in `free_ids`).
+    slab: Vec<Option<IdState>>,
+    free_ids: Vec<u32>,
+    iid_of: HashMap<PtrKey, u32>,
+    /// Pod identities in key order (the order of their numbers).
+    order: BTreeMap<IdKey, u32>,
+    /// Block classes' identities.
+    class_iid: BTreeMap<u32, u32>,
+    /// Pod peer -> identities it matches; block -> identities inside it.
+    peer_ids: HashMap<PeerRef, BTreeSet<u32>>,
+    block_ids: Vec<BTreeSet<u32>>,
+    /// Identities whose counts changed in this pass.
+    touched: BTreeSet<u32>,
+    /// The update's number of each internal id, valid unless `renumber`.
+    number: Vec<Identity>,
+    renumber: bool,
     last: Arc<PolicyUpdate>,
     /// What each identity of the last update stands for (index = identity).
     ids: Vec<IdDesc>,
@@ -814,13 +888,23 @@ impl PolicyCompiler {
         if !changes.touches_policy() {
             return None;
         }
+        // Slots whose policy changed, and the namespaces of those policies (the only ones
+        // whose pods they can select).
+        let mut dirty_slots = BTreeSet::new();
+        let mut dirty_ns = BTreeSet::new();
         for key in &changes.policies {
-            self.update_policy(store, key);
+            let (old, new) = self.update_policy(store, key);
+            if old.is_some() || new.is_some() {
+                dirty_slots.extend(old.into_iter().chain(new));
+                dirty_ns.insert(key.namespace.clone());
+            }
         }
         if self.blocks_dirty {
             self.blocks_dirty = false;
             let blocks = self.policies().flat_map(|p| p.blocks().cloned()).collect();
             self.space = Arc::new(Space::new(blocks));
+            // Every class may have changed: identities start over.
+            self.reset_identities();
         }
         let mut dirty_pods = changes.pods.clone();
         for ns in &changes.namespaces {
@@ -845,6 +929,7 @@ impl PolicyCompiler {
         for key in &dirty_pods {
             self.update_pod(store, key);
         }
+        self.settle(&dirty_slots, &dirty_ns);
         let update = self.assemble();
         if update == *self.last {
             return None;
@@ -857,7 +942,8 @@ impl PolicyCompiler {
         self.slots.iter().flatten()
     }
 
-    fn update_policy(&mut self, store: &Store, key: &ObjKey) {
+    /// Applies the policy at `key`; returns its old and new slot when it changed.
+    fn update_policy(&mut self, store: &Store, key: &ObjKey) -> (Option<u32>, Option<u32>) {
         let parsed = match store.get(Kind::NetworkPolicy, key) {
             Some(Object::NetworkPolicy(np)) => match parse_policy(key, np, &mut self.skips) {
                 Ok(p) => Some(Arc::new(p)),
@@ -872,7 +958,7 @@ impl PolicyCompiler {
         let old_slot = self.by_key.get(key).copied();
         let old = old_slot.and_then(|s| self.slots[s as usize].clone());
         if old.as_deref() == parsed.as_deref() {
-            return;
+            return (None, None);
         }
         let has_blocks =
             |p: &Option<Arc<Policy>>| p.as_ref().is_some_and(|p| p.blocks().next().is_some());
@@ -893,7 +979,7 @@ impl PolicyCompiler {
                 v.retain(|r| r.0 != s);
             }
         }
-        let Some(p) = parsed else { return };
+        let Some(p) = parsed else { return (old_slot, None) };
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -918,20 +1004,20 @@ impl PolicyCompiler {
             self.evaluations += 1;
             evaluate(slot, &p, lk, m);
         }
+        (old_slot, Some(slot))
     }
 
     fn update_pod(&mut self, store: &Store, key: &ObjKey) {
-        let pod = match store.get(Kind::Pod, key) {
-            Some(Object::Pod(p)) => p,
-            _ => {
-                self.pods.remove(key);
-                return;
-            }
+        let rec = match store.get(Kind::Pod, key) {
+            Some(Object::Pod(p)) => self.pod_rec(key, p),
+            _ => None,
         };
-        let Some(ip) = pod_ip(pod) else {
-            self.pods.remove(key);
-            return;
-        };
+        self.set_pod(key, rec);
+    }
+
+    /// What the compiler keeps of a pod, or `None` when it takes no part in policy.
+    fn pod_rec(&mut self, key: &ObjKey, pod: &Pod) -> Option<PodRec> {
+        let ip = pod_ip(pod)?;
         let mut ns_labels = self.ns_labels.get(&key.namespace).cloned().unwrap_or_default();
         ns_labels.insert(NAMESPACE_NAME_LABEL.into(), key.namespace.clone());
         let lk = LabelKey {
@@ -959,8 +1045,131 @@ impl PolicyCompiler {
                 p
             }
         };
-        let rec = PodRec { ip, local, node, label_key, ports };
-        self.pods.insert(key.clone(), rec);
+        let class = self.space.class_of(u32::from(ip));
+        Some(PodRec { ip, local, node, label_key, ports, class })
+    }
+
+    /// Replaces the record of the pod at `key` and re-links the addresses involved.
+    fn set_pod(&mut self, key: &ObjKey, rec: Option<PodRec>) {
+        let new_ip = rec.as_ref().map(|r| r.ip);
+        let old_ip = match rec {
+            Some(r) => self.pods.insert(key.clone(), r),
+            None => self.pods.remove(key),
+        }
+        .map(|r| r.ip);
+        if let Some(ip) = old_ip.filter(|ip| Some(*ip) != new_ip) {
+            if let Some(e) = self.by_ip.get_mut(&ip) {
+                e.keys.remove(key);
+            }
+            self.relink(ip);
+        }
+        if let Some(ip) = new_ip {
+            let e = self.by_ip.entry(ip).or_default();
+            if e.keys.insert(key.clone()) && e.keys.len() > 1 {
+                let other = e.keys.iter().find(|k| *k != key).cloned();
+                tracing::debug!(pod = %key, other = ?other, %ip, "duplicate pod address");
+                self.skips.bump("pod_ip_duplicate");
+            }
+            self.relink(ip);
+        }
+    }
+
+    /// Counts the first pod at `ip` (by key) under its identity, and no other.
+    fn relink(&mut self, ip: Ipv4Addr) {
+        let Some(first) = self.by_ip.get(&ip).map(|e| e.keys.first().cloned()) else { return };
+        let want = first.and_then(|k| {
+            let rec = self.pods.get(&k)?;
+            let local = rec.local;
+            Some((self.identity_of(rec.clone()), local))
+        });
+        let Some(e) = self.by_ip.get_mut(&ip) else { return };
+        let had = std::mem::replace(&mut e.linked, want);
+        if e.keys.is_empty() {
+            self.by_ip.remove(&ip);
+        }
+        if had == want {
+            return;
+        }
+        for (link, delta) in [(had, -1isize), (want, 1)] {
+            let Some((iid, local)) = link else { continue };
+            if let Some(Some(st)) = self.slab.get_mut(iid as usize) {
+                st.count = st.count.wrapping_add_signed(delta);
+                if local {
+                    st.local = st.local.wrapping_add_signed(delta);
+                }
+                self.touched.insert(iid);
+            }
+        }
+    }
+
+    /// The internal id of `rec`'s identity, created (uncounted) if new.
+    fn identity_of(&mut self, rec: PodRec) -> u32 {
+        let pk: PtrKey = (
+            Arc::as_ptr(&rec.label_key) as usize,
+            Arc::as_ptr(&rec.ports) as *const NamedPort as usize,
+            rec.class,
+        );
+        if let Some(&iid) = self.iid_of.get(&pk) {
+            return iid;
+        }
+        let key = IdKey { label_key: rec.label_key, ports: rec.ports, class: rec.class };
+        let iid = self.alloc(IdState {
+            key: Some(key.clone()),
+            count: 0,
+            local: 0,
+            live: false,
+            sets: None,
+            specs: None,
+        });
+        self.iid_of.insert(pk, iid);
+        self.order.insert(key, iid);
+        iid
+    }
+
+    fn alloc(&mut self, st: IdState) -> u32 {
+        match self.free_ids.pop() {
+            Some(i) => {
+                self.slab[i as usize] = Some(st);
+                i
+            }
+            None => {
+                self.slab.push(Some(st));
+                (self.slab.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Drops every identity and index and re-links every pod (after the block classes
+    /// changed).
+    fn reset_identities(&mut self) {
+        self.by_ip.clear();
+        self.slab.clear();
+        self.free_ids.clear();
+        self.iid_of.clear();
+        self.order.clear();
+        self.class_iid.clear();
+        self.peer_ids.clear();
+        self.touched.clear();
+        self.renumber = true;
+        let space = self.space.clone();
+        self.block_ids = vec![BTreeSet::new(); space.blocks.len()];
+        let mut classes: Vec<u32> = space.class_at.iter().copied().filter(|c| *c != 0).collect();
+        classes.sort_unstable();
+        classes.dedup();
+        for c in classes {
+            let st = IdState { key: None, count: 1, local: 0, live: true, sets: None, specs: None };
+            let iid = self.alloc(st);
+            self.class_iid.insert(c, iid);
+            for &b in &space.classes[c as usize] {
+                self.block_ids[b as usize].insert(iid);
+            }
+        }
+        let keys: Vec<ObjKey> = self.pods.keys().cloned().collect();
+        for k in keys {
+            let Some(mut rec) = self.pods.get(&k).cloned() else { continue };
+            rec.class = space.class_of(u32::from(rec.ip));
+            self.set_pod(&k, Some(rec));
+        }
     }
 
     /// What matches a label key not seen before: the policies of its namespace, and the
@@ -994,127 +1203,227 @@ impl PolicyCompiler {
         m
     }
 
-    /// Builds the whole update from the pod records, the memo and the space.
-    fn assemble(&mut self) -> PolicyUpdate {
-        // Label keys (and namespaces) no pod uses any more.
-        self.memo.retain(|k, _| Arc::strong_count(k) > 1);
-        let used: std::collections::HashSet<&Labels> =
-            self.memo.keys().map(|k| &k.ns_labels).collect();
-        self.ns_memo.retain(|l, _| used.contains(l));
-        self.port_lists.retain(|p| Arc::strong_count(p) > 1);
-        let space = self.space.clone();
-        // Pods by address (the first by key wins a duplicate address).
-        // Label keys and port lists are interned, so pods with equal identity keys have equal
-        // pointers: group by those (cheap to hash) and compare contents only to sort.
-        let ptr = |rec: &PodRec, class: u32| -> PtrKey {
-            (
-                Arc::as_ptr(&rec.label_key) as usize,
-                Arc::as_ptr(&rec.ports) as *const NamedPort as usize,
-                class,
-            )
-        };
-        let mut by_ip: BTreeMap<Ipv4Addr, (&ObjKey, &PodRec, PtrKey)> = BTreeMap::new();
-        for (k, rec) in &self.pods {
-            let id = ptr(rec, space.class_of(u32::from(rec.ip)));
-            if let Some((other, _, _)) = by_ip.get(&rec.ip) {
-                tracing::debug!(pod = %k, other = %other, ip = %rec.ip, "duplicate pod address");
-                self.skips.bump("pod_ip_duplicate");
-                continue;
+    /// Brings the peer indexes and the allow sets of this node's identities up to date with
+    /// the identities that appeared or went away in this pass and the policies that changed
+    /// (`dirty_slots`, in namespaces `dirty_ns`). Allow sets are recomputed whole only for
+    /// identities that are new on this node or in a namespace whose policies changed; the
+    /// others get the entries of appearing peers added and those of departed peers removed.
+    fn settle(&mut self, dirty_slots: &BTreeSet<u32>, dirty_ns: &BTreeSet<String>) {
+        let mut appeared = Vec::new();
+        let mut gone = Vec::new();
+        for iid in std::mem::take(&mut self.touched) {
+            let Some(Some(st)) = self.slab.get(iid as usize) else { continue };
+            match (st.live, st.count > 0) {
+                (false, true) => appeared.push(iid),
+                (true, false) => gone.push(iid),
+                (false, false) => self.free(iid),
+                (true, true) => {}
             }
-            by_ip.insert(rec.ip, (k, rec, id));
         }
-        // Numbering: WORLD, block classes in the ranges, then pod keys in sorted order.
-        let mut block_classes: Vec<u32> =
-            space.class_at.iter().copied().filter(|c| *c != 0).collect();
-        block_classes.sort_unstable();
-        block_classes.dedup();
-        let mut class_id: HashMap<u32, Identity> = HashMap::new();
-        let mut descr = vec![IdDesc::World, IdDesc::World];
-        let mut id_ports: Vec<Arc<[NamedPort]>> = vec![Arc::from([]), Arc::from([])];
-        let mut id_class: Vec<u32> = vec![0, 0];
-        for c in block_classes {
-            class_id.insert(c, descr.len() as Identity);
-            descr.push(IdDesc::Block(c));
-            id_ports.push(Arc::from([]));
-            id_class.push(c);
-        }
-        let mut distinct: HashMap<PtrKey, IdKey> = HashMap::new();
-        for (_, rec, pk) in by_ip.values() {
-            distinct.entry(*pk).or_insert_with(|| IdKey {
-                label_key: rec.label_key.clone(),
-                ports: rec.ports.clone(),
-                class: pk.2,
-            });
-        }
-        let mut keys: Vec<(PtrKey, IdKey)> = distinct.into_iter().collect();
-        keys.sort_unstable_by(|a, b| a.1.cmp(&b.1));
-        let mut pod_id: HashMap<PtrKey, Identity> = HashMap::with_capacity(keys.len());
-        let mut id_label: Vec<Option<Arc<LabelKey>>> = vec![None; descr.len()];
-        for (pk, k) in keys {
-            pod_id.insert(pk, descr.len() as Identity);
-            id_ports.push(k.ports.clone());
-            id_class.push(k.class);
-            id_label.push(Some(k.label_key.clone()));
-            descr.push(IdDesc::Pod(k));
-        }
-        // Reverse indexes: pod peer -> identities; block -> identities.
-        let mut peer_ids: HashMap<PeerRef, Vec<Identity>> = HashMap::new();
-        let mut block_ids: Vec<Vec<Identity>> = vec![Vec::new(); space.blocks.len()];
-        for (id, class) in id_class.iter().enumerate().skip(2) {
-            for &b in &space.classes[*class as usize] {
-                block_ids[b as usize].push(id as Identity);
-            }
-            if let Some(Some(lk)) = id_label.get(id) {
-                for r in &self.memo[lk].peer_of {
-                    peer_ids.entry(*r).or_default().push(id as Identity);
+        let memo = &self.memo;
+        let matches = |st: &IdState| st.key.as_ref().map(|k| &memo[&k.label_key]);
+        // Peer indexes: a changed policy's peers are looked up again in every live identity.
+        if !dirty_slots.is_empty() {
+            self.peer_ids.retain(|r, _| !dirty_slots.contains(&r.0));
+            for (iid, st) in self.slab.iter().enumerate() {
+                let Some(st) = st.as_ref().filter(|st| st.live && st.count > 0) else { continue };
+                for r in matches(st).into_iter().flat_map(|m| &m.peer_of) {
+                    if dirty_slots.contains(&r.0) {
+                        self.peer_ids.entry(*r).or_default().insert(iid as u32);
+                    }
                 }
             }
         }
+        for (&iid, add) in gone.iter().map(|i| (i, false)).chain(appeared.iter().map(|i| (i, true)))
+        {
+            let Some(Some(st)) = self.slab.get(iid as usize) else { continue };
+            for r in matches(st).into_iter().flat_map(|m| &m.peer_of) {
+                if add {
+                    self.peer_ids.entry(*r).or_default().insert(iid);
+                } else if let Some(v) = self.peer_ids.get_mut(r) {
+                    v.remove(&iid);
+                }
+            }
+            let class = st.key.as_ref().map_or(0, |k| k.class);
+            for &b in &self.space.classes[class as usize] {
+                if add {
+                    self.block_ids[b as usize].insert(iid);
+                } else {
+                    self.block_ids[b as usize].remove(&iid);
+                }
+            }
+        }
+        self.peer_ids.retain(|_, v| !v.is_empty());
+        self.renumber |= !appeared.is_empty() || !gone.is_empty();
+        for &iid in &appeared {
+            if let Some(Some(st)) = self.slab.get_mut(iid as usize) {
+                st.live = true;
+            }
+        }
+        for &iid in &gone {
+            if let Some(Some(st)) = self.slab.get_mut(iid as usize) {
+                st.live = false;
+            }
+        }
+        // Allow sets.
         let ctx = SetCtx {
             slots: &self.slots,
-            space: &space,
-            peer_ids: &peer_ids,
-            block_ids: &block_ids,
-            id_ports: &id_ports,
+            space: &self.space,
+            peer_ids: &self.peer_ids,
+            block_ids: &self.block_ids,
+            slab: &self.slab,
+            order: &self.order,
         };
-        // Allow sets of local identities, deduplicated.
-        let mut local_sets: HashMap<Identity, [Option<AllowSetSpec>; 2]> = HashMap::new();
-        for (_, rec, pk) in by_ip.values() {
-            if !rec.local {
+        let mut work: Vec<(u32, [Option<LocalSet>; 2])> = Vec::new();
+        for (iid, st) in self.slab.iter().enumerate() {
+            let Some(st) = st else { continue };
+            let Some(k) = st.key.as_ref().filter(|_| st.count > 0 && st.local > 0) else {
                 continue;
-            }
-            let id = pod_id[pk];
-            local_sets.entry(id).or_insert_with(|| {
-                let m = &self.memo[&rec.label_key];
-                [INGRESS, EGRESS].map(|d| ctx.allow_set(m, &rec.ports, d))
-            });
+            };
+            let m = &self.memo[&k.label_key];
+            let sets = match &st.sets {
+                Some(sets) if !dirty_ns.contains(&k.label_key.ns) => {
+                    if appeared.is_empty() && gone.is_empty() {
+                        continue;
+                    }
+                    let mut sets = sets.clone();
+                    for (d, set) in sets.iter_mut().enumerate() {
+                        let Some(set) = set else { continue };
+                        for &x in &gone {
+                            set.peers.retain(|(id, _), _| *id != x);
+                        }
+                        for &x in &appeared {
+                            if let Some(add) = ctx.allow_set(m, &k.ports, d, Some(x)) {
+                                for (key, v) in add.peers {
+                                    set.peers.insert(key, v);
+                                }
+                            }
+                        }
+                    }
+                    if sets == *st.sets.as_ref().expect("matched Some") {
+                        continue;
+                    }
+                    sets
+                }
+                _ => [INGRESS, EGRESS].map(|d| ctx.allow_set(m, &k.ports, d, None)),
+            };
+            work.push((iid as u32, sets));
         }
-        let specs: BTreeSet<&AllowSetSpec> = local_sets.values().flatten().flatten().collect();
-        let sets: Vec<AllowSetSpec> = specs.into_iter().cloned().collect();
+        for (iid, sets) in work {
+            if let Some(Some(st)) = self.slab.get_mut(iid as usize) {
+                st.sets = Some(sets);
+                st.specs = None;
+            }
+        }
+        for st in self.slab.iter_mut().flatten() {
+            if st.count == 0 || st.local == 0 {
+                st.sets = None;
+                st.specs = None;
+            }
+        }
+        for iid in gone {
+            self.free(iid);
+        }
+    }
+
+    /// Forgets identity `iid` (no address has it any more).
+    fn free(&mut self, iid: u32) {
+        let Some(st) = self.slab.get_mut(iid as usize).and_then(Option::take) else { return };
+        if let Some(k) = st.key {
+            let pk: PtrKey = (
+                Arc::as_ptr(&k.label_key) as usize,
+                Arc::as_ptr(&k.ports) as *const NamedPort as usize,
+                k.class,
+            );
+            self.iid_of.remove(&pk);
+            self.order.remove(&k);
+        }
+        self.free_ids.push(iid);
+    }
+
+    /// Builds the update from the settled identities and allow sets: numbers by rank (block
+    /// classes first, then pod identities in key order), allow sets deduplicated and sorted,
+    /// every address. Linear in identities, set entries and addresses; no selector work.
+    fn assemble(&mut self) -> PolicyUpdate {
+        // Label keys (and namespaces) no pod uses any more.
+        let keys = self.memo.len();
+        self.memo.retain(|k, _| Arc::strong_count(k) > 1);
+        if self.memo.len() != keys {
+            let used: std::collections::HashSet<&Labels> =
+                self.memo.keys().map(|k| &k.ns_labels).collect();
+            self.ns_memo.retain(|l, _| used.contains(l));
+            self.port_lists.retain(|p| Arc::strong_count(p) > 1);
+        }
+        let space = self.space.clone();
+        if std::mem::take(&mut self.renumber) {
+            self.number = vec![0; self.slab.len()];
+            let mut descr = vec![IdDesc::World, IdDesc::World];
+            for (&c, &iid) in &self.class_iid {
+                self.number[iid as usize] = descr.len() as Identity;
+                descr.push(IdDesc::Block(c));
+            }
+            for (k, &iid) in &self.order {
+                self.number[iid as usize] = descr.len() as Identity;
+                descr.push(IdDesc::Pod(k.clone()));
+            }
+            self.ids = descr;
+            for st in self.slab.iter_mut().flatten() {
+                st.specs = None;
+            }
+        }
+        let number = &self.number;
+        let spec = |s: &LocalSet| {
+            let mut peers: Vec<(Identity, u8, dataplane::policy::PortRanges)> = s
+                .peers
+                .iter()
+                .map(|((iid, p), v)| (number[*iid as usize], *p, v.clone()))
+                .collect();
+            peers.sort_unstable();
+            let any_peer = s.any_peer.iter().map(|(p, v)| (*p, v.clone())).collect();
+            AllowSetSpec { peers, any_peer }
+        };
+        for st in self.slab.iter_mut().flatten() {
+            if let (Some(sets), None) = (&st.sets, &st.specs) {
+                st.specs = Some([&sets[0], &sets[1]].map(|s| s.as_ref().map(spec)));
+            }
+        }
+        let local_specs = || {
+            self.slab.iter().enumerate().filter_map(|(i, st)| {
+                st.as_ref().and_then(|st| st.specs.as_ref()).map(|s| (i as u32, s))
+            })
+        };
+        let mut specs: Vec<&AllowSetSpec> =
+            local_specs().flat_map(|(_, s)| s.iter().flatten()).collect();
+        specs.sort_unstable();
+        specs.dedup();
         let index = |s: &Option<AllowSetSpec>| match s {
             None => NOT_ISOLATED,
-            // Every spec is in `sets`, which is sorted.
-            Some(s) => sets.binary_search(s).map_or(NOT_ISOLATED, |i| i as u32 + 1),
+            // Every spec is in `specs`, which is sorted.
+            Some(s) => specs.binary_search(&s).map_or(NOT_ISOLATED, |i| i as u32 + 1),
         };
-        let mut endpoints = Vec::with_capacity(by_ip.len());
-        for (ip, (_, rec, pk)) in &by_ip {
-            let identity = pod_id[pk];
-            let (ingress, egress) = match local_sets.get(&identity) {
-                Some([i, e]) if rec.local => (index(i), index(e)),
+        let set_of: HashMap<u32, (u32, u32)> =
+            local_specs().map(|(i, [a, b])| (i, (index(a), index(b)))).collect();
+        let sets: Vec<AllowSetSpec> = specs.iter().map(|s| (*s).clone()).collect();
+        let mut endpoints = Vec::with_capacity(self.by_ip.len());
+        for (ip, e) in &self.by_ip {
+            let Some((iid, local)) = e.linked else { continue };
+            let (ingress, egress) = match set_of.get(&iid) {
+                Some(&(i, e)) if local => (i, e),
                 _ => (NOT_ISOLATED, NOT_ISOLATED),
             };
-            let e = Endpoint { identity, ingress, egress };
-            endpoints.push((*ip, e));
+            endpoints.push((*ip, Endpoint { identity: number[iid as usize], ingress, egress }));
         }
         let mut ranges = Vec::new();
         for (start, c) in space.starts.iter().zip(&space.class_at) {
-            let id = if *c == 0 { WORLD } else { class_id[c] };
+            let id = match self.class_iid.get(c) {
+                Some(iid) if *c != 0 => self.number[*iid as usize],
+                _ => WORLD,
+            };
             if ranges.is_empty() && id == WORLD {
                 continue;
             }
             ranges.push((Ipv4Addr::from(*start), id));
         }
-        self.ids = descr;
         PolicyUpdate { endpoints, ranges, sets }
     }
 }
@@ -1209,18 +1518,27 @@ pub fn proto_name(p: u8) -> &'static str {
 struct SetCtx<'a> {
     slots: &'a [Option<Arc<Policy>>],
     space: &'a Space,
-    peer_ids: &'a HashMap<PeerRef, Vec<Identity>>,
-    block_ids: &'a [Vec<Identity>],
-    id_ports: &'a [Arc<[NamedPort]>],
+    peer_ids: &'a HashMap<PeerRef, BTreeSet<u32>>,
+    block_ids: &'a [BTreeSet<u32>],
+    slab: &'a [Option<IdState>],
+    order: &'a BTreeMap<IdKey, u32>,
 }
 
 impl SetCtx<'_> {
     /// The allow set of direction `d` for a pod with matches `m` and named ports `own`, or
-    /// `None` when no policy of that type selects it.
-    fn allow_set(&self, m: &Matches, own: &[NamedPort], d: usize) -> Option<AllowSetSpec> {
+    /// `None` when no policy of that type selects it. With `only`, just the entries for that
+    /// peer identity (and no any-peer entries).
+    fn allow_set(
+        &self,
+        m: &Matches,
+        own: &[NamedPort],
+        d: usize,
+        only: Option<u32>,
+    ) -> Option<LocalSet> {
         let mut isolated = false;
-        let mut peers: BTreeMap<(Identity, u8), Vec<(u16, u16)>> = BTreeMap::new();
+        let mut peers: BTreeMap<(u32, u8), Vec<(u16, u16)>> = BTreeMap::new();
         let mut any: BTreeMap<u8, Vec<(u16, u16)>> = BTreeMap::new();
+        let one: [u32; 1] = [only.unwrap_or(0)];
         for &slot in &m.subject_of {
             let Some(Some(p)) = self.slots.get(slot as usize) else { continue };
             let Some(rules) = &p.rules[d] else { continue };
@@ -1230,27 +1548,44 @@ impl SetCtx<'_> {
                 let fixed = fixed_ports(&rule.ports, (d == INGRESS).then_some(own));
                 let peer_named = d == EGRESS && !rule.ports.named.is_empty();
                 if rule.peers.is_empty() {
-                    for &(proto, a, b) in &fixed {
-                        any.entry(proto).or_default().push((a, b));
+                    if only.is_none() {
+                        for &(proto, a, b) in &fixed {
+                            any.entry(proto).or_default().push((a, b));
+                        }
                     }
                     if peer_named {
-                        for id in 2..self.id_ports.len() {
-                            self.add_named(&mut peers, id as Identity, &rule.ports);
+                        match only {
+                            Some(x) => self.add_named(&mut peers, x, &rule.ports),
+                            None => {
+                                for &id in self.order.values() {
+                                    // Identities departing in this pass are still listed.
+                                    if self.slab.get(id as usize).is_some_and(|st| {
+                                        st.as_ref().is_some_and(|st| st.count > 0)
+                                    }) {
+                                        self.add_named(&mut peers, id, &rule.ports);
+                                    }
+                                }
+                            }
                         }
                     }
                     continue;
                 }
                 for (pi, peer) in rule.peers.iter().enumerate() {
-                    let ids: &[Identity] = match peer {
-                        Peer::Pods { .. } => self
-                            .peer_ids
-                            .get(&(slot, d as u8, ri as u32, pi as u32))
-                            .map_or(&[], Vec::as_slice),
+                    let set = match peer {
+                        Peer::Pods { .. } => {
+                            self.peer_ids.get(&(slot, d as u8, ri as u32, pi as u32))
+                        }
                         Peer::Block(b) => match self.space.blocks.binary_search(b) {
-                            Ok(i) => &self.block_ids[i],
-                            Err(_) => &[],
+                            Ok(i) => self.block_ids.get(i),
+                            Err(_) => None,
                         },
-                        Peer::Ipv6 => &[],
+                        Peer::Ipv6 => None,
+                    };
+                    let Some(set) = set else { continue };
+                    let ids: Box<dyn Iterator<Item = &u32>> = match only {
+                        Some(x) if set.contains(&x) => Box::new(one.iter()),
+                        Some(_) => continue,
+                        None => Box::new(set.iter()),
                     };
                     for &id in ids {
                         for &(proto, a, b) in &fixed {
@@ -1267,22 +1602,17 @@ impl SetCtx<'_> {
             return None;
         }
         let norm = |v: Vec<(u16, u16)>| PortSet::from_ranges(v).ranges().to_vec();
-        Some(AllowSetSpec {
-            peers: peers.into_iter().map(|((id, p), v)| (id, p, norm(v))).collect(),
+        Some(LocalSet {
+            peers: peers.into_iter().map(|(k, v)| (k, norm(v))).collect(),
             any_peer: any.into_iter().map(|(p, v)| (p, norm(v))).collect(),
         })
     }
 
     /// Egress named ports resolved against peer `id`'s container ports.
-    fn add_named(
-        &self,
-        peers: &mut BTreeMap<(Identity, u8), Vec<(u16, u16)>>,
-        id: Identity,
-        ports: &Ports,
-    ) {
-        let theirs = &self.id_ports[id as usize];
+    fn add_named(&self, peers: &mut BTreeMap<(u32, u8), Vec<(u16, u16)>>, id: u32, ports: &Ports) {
+        let Some(Some(st)) = self.slab.get(id as usize) else { return };
         for (proto, name) in &ports.named {
-            for (n, p, num) in theirs.iter() {
+            for (n, p, num) in st.ports() {
                 if n == name && p == proto {
                     peers.entry((id, *proto)).or_default().push((*num, *num));
                 }

@@ -12,6 +12,11 @@
 //!   re-listed, and objects missing from the new list are deleted at that moment.
 //! - EndpointSlices are indexed by the Service named in their `kubernetes.io/service-name`
 //!   label; a slice moving from one Service to another touches both.
+//! - Pods are stored trimmed to what NetworkPolicy reads ([`trim_pod`]: name, namespace,
+//!   labels, node, `hostNetwork`, named container ports, phase and addresses): they are
+//!   watched cluster-wide, so the rest (annotations, managed fields, volumes, conditions, ...)
+//!   would cost memory per pod of the cluster, and changes to it (status conditions) would
+//!   record changes that compile to nothing.
 //! - Nothing here panics on bad input: an object without a name (or a namespaced object
 //!   without a namespace) is skipped with a logged reason and a [`Skips`] counter.
 
@@ -25,6 +30,46 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::skips::Skips;
+
+/// `pod` with only what the control plane reads: name, namespace, labels; node name,
+/// `hostNetwork`, each container's name and ports (name, number, protocol); phase, `podIP`
+/// and `podIPs`. Idempotent.
+pub fn trim_pod(pod: Pod) -> Pod {
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodIP, PodSpec, PodStatus};
+    let m = pod.metadata;
+    let metadata =
+        ObjectMeta { name: m.name, namespace: m.namespace, labels: m.labels, ..Default::default() };
+    let spec = pod.spec.map(|s| PodSpec {
+        node_name: s.node_name,
+        host_network: s.host_network,
+        containers: s
+            .containers
+            .into_iter()
+            .map(|c| Container {
+                name: c.name,
+                ports: c.ports.map(|ps| {
+                    ps.into_iter()
+                        .map(|p| ContainerPort {
+                            name: p.name,
+                            container_port: p.container_port,
+                            protocol: p.protocol,
+                            ..Default::default()
+                        })
+                        .collect()
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    });
+    let status = pod.status.map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips.map(|v| v.into_iter().map(|p| PodIP { ip: p.ip }).collect()),
+        ..Default::default()
+    });
+    Pod { metadata, spec, status }
+}
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -447,6 +492,10 @@ impl Store {
     }
 
     fn put(&mut self, key: ObjKey, obj: Object) {
+        let obj = match obj {
+            Object::Pod(p) => Object::Pod(Arc::new(trim_pod(Arc::unwrap_or_clone(p)))),
+            other => other,
+        };
         let kind = obj.kind();
         if let Some(old) = self.objects[kind.index()].get(&key) {
             if old.same(&obj) {
@@ -547,6 +596,42 @@ mod tests {
         let ch = st.take_changes();
         assert_eq!(ch.services.into_iter().collect::<Vec<_>>(), vec![ObjKey::new("ns", "b")]);
         assert_eq!(st.len(Kind::EndpointSlice), 1);
+    }
+
+    #[test]
+    fn pods_are_kept_trimmed_and_status_noise_is_no_change() {
+        let full = "apiVersion: v1\nkind: Pod\n\
+            metadata: {name: p, namespace: ns, labels: {app: web}, annotations: {a: b},\n\
+              ownerReferences: [{apiVersion: v1, kind: X, name: o, uid: u}]}\n\
+            spec: {nodeName: n1, hostNetwork: false, volumes: [{name: v}],\n\
+              containers: [{name: c, image: img, env: [{name: E, value: x}],\n\
+                ports: [{name: http, containerPort: 8080, protocol: TCP, hostPort: 80}]}]}\n\
+            status: {phase: Running, podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}], hostIP: 1.2.3.4,\n\
+              conditions: [{type: Ready, status: 'True'}]}\n";
+        let mut st = Store::new();
+        st.apply(Event::Apply(yaml(full)));
+        let key = ObjKey::new("ns", "p");
+        let Some(Object::Pod(p)) = st.get(Kind::Pod, &key) else { panic!("stored") };
+        assert_eq!(p.metadata.labels.as_ref().map(|l| l["app"].as_str()), Some("web"));
+        assert!(p.metadata.annotations.is_none() && p.metadata.owner_references.is_none());
+        let spec = p.spec.as_ref().expect("spec");
+        assert_eq!(spec.node_name.as_deref(), Some("n1"));
+        assert!(spec.volumes.is_none() && spec.containers[0].image.is_none());
+        let port = &spec.containers[0].ports.as_ref().expect("ports")[0];
+        assert_eq!(
+            (port.name.as_deref(), port.container_port, port.host_port),
+            (Some("http"), 8080, None)
+        );
+        let status = p.status.as_ref().expect("status");
+        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
+        assert!(status.host_ip.is_none() && status.conditions.is_none());
+        assert_eq!(**p, trim_pod((**p).clone()), "idempotent");
+        st.take_changes();
+        // A condition flipping changes nothing the store keeps: no change recorded.
+        st.apply(Event::Apply(yaml(&full.replace("'True'", "'False'"))));
+        assert!(st.take_changes().pods.is_empty());
+        st.apply(Event::Apply(yaml(&full.replace("app: web", "app: db"))));
+        assert_eq!(st.take_changes().pods.len(), 1);
     }
 
     #[test]

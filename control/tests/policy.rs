@@ -295,3 +295,119 @@ fn the_service_compiler_publishes_policy_only_when_it_changes() {
     };
     assert!(d.policy.is_none() && d.generation == 2);
 }
+
+/// A deterministic pseudo-random sequence (xorshift64).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// A random policy over the small vocabulary of `random_changes_match_a_full_compile`:
+/// every peer kind, ports numeric, named or absent, and egress with named ports to anyone.
+fn random_policy(r: &mut Rng, name: &str) -> Object {
+    let app = |r: &mut Rng| format!("a{}", r.below(5));
+    let peer = match r.below(5) {
+        0 => format!("{{podSelector: {{matchLabels: {{app: {}}}}}}}", app(r)),
+        1 => format!("{{namespaceSelector: {{matchLabels: {{team: t{}}}}}}}", r.below(3)),
+        2 => format!(
+            "{{namespaceSelector: {{matchLabels: {{team: t{}}}}}, podSelector: {{matchLabels: {{app: {}}}}}}}",
+            r.below(3),
+            app(r)
+        ),
+        3 => format!("{{ipBlock: {{cidr: 10.9.0.0/{}, except: [10.9.0.{}/30]}}}}", 26 + r.below(3), 4 * r.below(8)),
+        _ => "{podSelector: {}}".to_string(),
+    };
+    let ports = match r.below(4) {
+        0 => "",
+        1 => "\n    ports: [{port: 8080}]",
+        2 => "\n    ports: [{port: http}]",
+        _ => "\n    ports: [{port: 9000, endPort: 9100, protocol: UDP}]",
+    };
+    let egress = match r.below(3) {
+        0 => "".to_string(),
+        1 => "  egress:\n  - ports: [{port: http}]\n".to_string(),
+        _ => format!("  egress:\n  - to: [{peer}]\n    ports: [{{port: 5432}}]\n"),
+    };
+    let ns = format!("ns{}", r.below(3));
+    policy(
+        &ns,
+        name,
+        &format!(
+            "  podSelector: {{matchLabels: {{app: {}}}}}\n  ingress:\n  - from: [{peer}]{ports}\n{egress}",
+            app(r)
+        ),
+    )
+}
+
+#[test]
+fn random_changes_match_a_full_compile() {
+    let mut r = Rng(0x2545_f491_4f6c_dd1d);
+    let mut st = Store::new();
+    let mut pc = PolicyCompiler::new("node-1");
+    let ports =
+        ["[]", "[{name: http, containerPort: 8080}]", "[{name: http, containerPort: 8081}]"];
+    let mut pods: Vec<ObjKey> = Vec::new();
+    let mut policies: Vec<ObjKey> = Vec::new();
+    let mut kinds = [0usize; 8];
+    for step in 0..400 {
+        let op = if step < 30 { step % 3 } else { r.below(8) };
+        kinds[op] += 1;
+        match op {
+            // A pod added or changed: labels, node, ports, address (a small pool, so
+            // addresses are shared and the ipBlocks cut through the pods).
+            0 | 1 => {
+                let name = format!("p{}", r.below(40));
+                let ns = format!("ns{}", r.below(3));
+                let ip = format!("10.9.0.{}", 1 + r.below(60));
+                let node = format!("node-{}", r.below(2));
+                let app = format!("a{}", r.below(5));
+                st.apply(Event::Apply(pod(&ns, &name, &app, &ip, &node, ports[r.below(3)])));
+                pods.push(ObjKey::new(ns.as_str(), name.as_str()));
+            }
+            2 => {
+                let name = format!("np{}", r.below(12));
+                let p = random_policy(&mut r, &name);
+                policies.push(p.key().expect("named"));
+                st.apply(Event::Apply(p));
+            }
+            3 if !pods.is_empty() => {
+                let k = pods.swap_remove(r.below(pods.len()));
+                st.apply(Event::Delete(Kind::Pod, k));
+            }
+            4 if !policies.is_empty() => {
+                let k = policies.swap_remove(r.below(policies.len()));
+                st.apply(Event::Delete(Kind::NetworkPolicy, k));
+            }
+            5 => st
+                .apply(Event::Apply(ns(&format!("ns{}", r.below(3)), &format!("t{}", r.below(3))))),
+            6 => {
+                // Two changes in one pass.
+                let name = format!("p{}", r.below(40));
+                let ns = format!("ns{}", r.below(3));
+                let ip = format!("10.9.0.{}", 1 + r.below(60));
+                st.apply(Event::Apply(pod(&ns, &name, "a0", &ip, "node-1", ports[1])));
+                pods.push(ObjKey::new(ns.as_str(), name.as_str()));
+                let name = format!("np{}", r.below(12));
+                let p = random_policy(&mut r, &name);
+                policies.push(p.key().expect("named"));
+                st.apply(Event::Apply(p));
+            }
+            _ => {}
+        }
+        let ch = st.take_changes();
+        pc.compile(&st, &ch);
+        let mut fresh = PolicyCompiler::new("node-1");
+        fresh.compile_all(&st);
+        assert_eq!(**pc.update(), **fresh.update(), "step {step} (op {op}): incremental != full");
+        assert_eq!(pc.view(), fresh.view(), "step {step}");
+    }
+    let isolated = pc.update().endpoints.iter().filter(|(_, e)| e.ingress != NOT_ISOLATED).count();
+    assert!(isolated > 0 && !pc.update().sets.is_empty(), "the sequence exercised enforcement");
+    assert!(kinds.iter().take(7).all(|k| *k > 10), "every kind of change ran: {kinds:?}");
+}

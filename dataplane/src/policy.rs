@@ -367,6 +367,48 @@ impl PolicyTables {
     pub fn update(&self) -> &PolicyUpdate {
         &self.update
     }
+
+    /// Heap bytes the lookup structures hold (from their capacities: a hash table's slots
+    /// plus one control byte each, boxed port ranges; not the kept [`PolicyUpdate`]).
+    pub fn memory(&self) -> PolicyMemory {
+        fn table<K, V, S>(m: &HashMap<K, V, S>) -> usize {
+            m.capacity() * (size_of::<(K, V)>() + 1)
+        }
+        let ports = |s: &PortSet| size_of_val(s.ranges());
+        let sets = self
+            .sets
+            .iter()
+            .map(|s| {
+                table(&s.peers)
+                    + table(&s.any_peer)
+                    + s.peers.values().chain(s.any_peer.values()).map(ports).sum::<usize>()
+            })
+            .sum::<usize>()
+            + self.sets.capacity() * size_of::<AllowSet>();
+        PolicyMemory {
+            endpoints: table(&self.endpoints),
+            ranges: size_of_val(&*self.ranges.top) + self.ranges.sub.capacity() * 1024,
+            sets,
+        }
+    }
+}
+
+/// Heap bytes of a [`PolicyTables`], by part.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyMemory {
+    /// The pod address table.
+    pub endpoints: usize,
+    /// The range map (its 65,536-entry top level is always there).
+    pub ranges: usize,
+    /// The allow sets.
+    pub sets: usize,
+}
+
+impl PolicyMemory {
+    /// All of it.
+    pub fn total(&self) -> usize {
+        self.endpoints + self.ranges + self.sets
+    }
 }
 
 #[cfg(test)]

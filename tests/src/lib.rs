@@ -522,7 +522,8 @@ fn push(socket: &Path, msg: dataplane::sync::ToDataplane, generation: u64) -> Re
     use dataplane::sync::{read_frame, write_frame, ToControl};
     let mut s = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|e| format!("{}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    // Generous: under a loaded machine the dataplane may take seconds to apply and answer.
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok();
     let hello: ToControl = read_frame(&mut s).map_err(|e| e.to_string())?;
     if !matches!(hello, ToControl::Hello { .. }) {
         return Err(format!("expected hello, got {hello:?}"));

@@ -148,7 +148,8 @@ fn network_policy_through_the_af_xdp_dataplane() {
     push_policy(&socket, 1, 2, policy()).unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
     assert_enforced(&topo, &dp);
     // Removing the policy opens .12 again.
-    push_policy(&socket, 2, 3, PolicyUpdate::default()).unwrap();
+    push_policy(&socket, 2, 3, PolicyUpdate::default())
+        .unwrap_or_else(|e| panic!("{e}\n{}", dp.log()));
     fetch(&topo.pods[0], "http://10.200.1.12:8080/").expect("open again");
     assert_ingress_drops(&stats, 4, &dp);
     dp.stop();

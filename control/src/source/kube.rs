@@ -129,7 +129,7 @@ pub fn spawn_watchers(
             Api::all(client.clone()),
             all.clone(),
             Kind::Pod,
-            |o| Object::Pod(Arc::new(o)),
+            |o| Object::Pod(Arc::new(crate::store::trim_pod(o))),
             tx.clone(),
             stats.clone(),
         ),
