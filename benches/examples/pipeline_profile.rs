@@ -6,8 +6,10 @@
 //!     target/release/examples/pipeline_profile established 10000 65536 2000
 //! ```
 //!
-//! Arguments: scenario (`established` or `new_flow`), services, conntrack flows, batches. The
-//! set-up is the criterion benchmark's (`benches/pipeline.rs`), with a smaller table by default
+//! Arguments: scenario (`established` or `new_flow`), services, conntrack flows, batches, and
+//! optionally the number of distinct template frames cycled through (default 32,768, as the
+//! criterion benchmark: with 1M flows that touches about 8 MB of conntrack, which a large L3
+//! holds; pass the flow count to touch the whole table). The set-up is the criterion benchmark's (`benches/pipeline.rs`), with a smaller table by default
 //! so a callgrind run takes seconds and its instruction counts do not depend on the caches.
 
 use dataplane::balance::Algorithm;
@@ -34,7 +36,7 @@ fn main() {
         n += BATCH as u32;
     }
     let mut rng = dataplane::balance::FastRng::new(7);
-    let templates = 64 * 512;
+    let templates = (arg(5, 64 * 512) as usize).max(BATCH).next_multiple_of(BATCH);
     let (est, news): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (
         (0..templates).map(|_| flow(rng.next_u64() as u32 % flows)).collect(),
         (0..templates as u32)
