@@ -238,7 +238,7 @@ fn two_workers_keep_tracked_pod_to_pod_flows_with_at_most_two_hops() {
         assert_eq!(v, Verdict::Tx { ifindex: IF_CLIENT }, "reply of port {port} found its flow");
         max_hops = max_hops.max(h1).max(h2);
         let owner = usize::from(owner_of(&t, u32::from(ip(CLIENT)), port, 2));
-        assert!(ws[owner].ct.len() > 0);
+        assert!(!ws[owner].ct.is_empty());
     }
     assert_eq!(max_hops, 2, "some flows needed the second hop");
     let tracked: u64 = ws.iter().map(|w| w.counters.policy_flows).sum();
