@@ -159,11 +159,37 @@ impl Batch {
         w: &mut WorkerState,
         now: u64,
     ) -> &[Verdict] {
+        self.run_ports(templates, |_| sport, tables, w, now)
+    }
+
+    /// Like [`Batch::run_with_sport`], giving frame `k` the source port `first + k` (wrapping),
+    /// so that frames of one batch built from equal templates are still distinct flows.
+    #[inline]
+    pub fn run_with_sports(
+        &mut self,
+        templates: &[Vec<u8>],
+        first: u16,
+        tables: &Tables,
+        w: &mut WorkerState,
+        now: u64,
+    ) -> &[Verdict] {
+        self.run_ports(templates, |k| Some(first.wrapping_add(k as u16)), tables, w, now)
+    }
+
+    #[inline(always)]
+    fn run_ports(
+        &mut self,
+        templates: &[Vec<u8>],
+        sport: impl Fn(usize) -> Option<u16>,
+        tables: &Tables,
+        w: &mut WorkerState,
+        now: u64,
+    ) -> &[Verdict] {
         let n = templates.len().min(BATCH);
         for (k, t) in templates.iter().take(n).enumerate() {
             let buf = &mut self.mem[k * FRAME_ROOM..k * FRAME_ROOM + t.len()];
             buf.copy_from_slice(t);
-            if let Some(p) = sport {
+            if let Some(p) = sport(k) {
                 buf[34..36].copy_from_slice(&p.to_be_bytes());
             }
             self.lens[k] = t.len();
