@@ -45,7 +45,8 @@ fn send_and_count(tag: &str, proto: &str, size: &str) {
         "--idle-exit",
         "2s",
         // Room for 0.3 s of the sender's 50,000 frames/s: on two shared cores the receiver
-        // may not run for tens of milliseconds (the default 8,192-frame UMEM, with a 4,096-entry fill ring, lost 1,963 frames twice).
+        // may not run for tens of milliseconds (the default 8,192-frame UMEM, with a
+        // 4,096-entry fill ring, lost 1,963 frames twice).
         "--frames",
         "32768",
         "--per-flow-csv",
