@@ -740,23 +740,52 @@ fn finish_new(
         w.affinity.insert(svc.id(), key.src, backend, now + u64::from(timeout) * NS, now);
     }
     let h_reply = h_reply.unwrap_or_else(|| w.ct.hash(&reply));
-    let flow = Flow::new(key, reply, svc.id(), backend, t.generation());
+    let mut flow = Flow::new(key, reply, svc.id(), backend, t.generation());
+    // Both directions' next hops now, as `refresh_flow` would on the flow's next packet (each
+    // direction goes to the source of the other's tuple): neither direction's next packet
+    // then leaves the fast path, and this one is forwarded as they will be.
+    flow.set_hops(t.generation(), [hop_index(t, reply.src), hop_index(t, key.src)]);
     let idx = w.ct.insert_hinted(flow, h, h_reply, flags, now, victim);
     w.ct.add_bytes(idx, Dir::Orig, o.end - o.l3);
     w.counters.nat_new += 1;
-    wire::rewrite_tuple(
-        f.buf,
-        o.l3,
-        o.l4,
-        o.proto,
-        true,
-        o.end - o.l4,
-        reply.dst,
-        reply.src,
-        reply.dport,
-        reply.sport,
-    );
-    forward(f, o, t, reply.src)
+    let (to, deltas) = flow.nat(Dir::Orig);
+    translate(f, o, t, &to, deltas, flow.hop(Dir::Orig))
+}
+
+/// [`Flow::hop`]'s value for the route to `dst` in tables `t`.
+#[inline(always)]
+fn hop_index(t: &Tables, dst: u32) -> u32 {
+    t.routes().resolve(dst).map_or(HOP_NONE, |i| i + 1)
+}
+
+/// Rewrites a TCP/UDP packet of a flow to tuple `to` with the flow's checksum `deltas` for it
+/// ([`Flow::nat`]) and forwards it by the flow's cached next hop `hop` ([`Flow::hop`]); with
+/// no route, the kernel gets the translated packet with its TTL untouched, as [`forward`]
+/// leaves it.
+#[inline(always)]
+fn translate(
+    f: &mut Frame<'_>,
+    o: &Offsets,
+    t: &Tables,
+    to: &FlowKey,
+    deltas: [u16; 2],
+    hop: u32,
+) -> Verdict {
+    match t.routes().hop(hop.wrapping_sub(1)) {
+        Some(hop) => {
+            wire::nat_apply(f.buf, o.l3, o.l4, o.proto, to.src, to.dst, to.sport, to.dport, deltas);
+            f.buf[0..6].copy_from_slice(&hop.dst_mac);
+            f.buf[6..12].copy_from_slice(&hop.src_mac);
+            Verdict::Tx { ifindex: hop.ifindex }
+        }
+        None => {
+            let l4_len = o.end - o.l4;
+            wire::rewrite_tuple(
+                f.buf, o.l3, o.l4, o.proto, true, l4_len, to.src, to.dst, to.sport, to.dport,
+            );
+            Verdict::Pass(PassReason::NoNextHop)
+        }
+    }
 }
 
 /// Hairpin (a client reaching itself through the service) and masqueraded external traffic to
