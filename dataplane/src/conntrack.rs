@@ -493,24 +493,33 @@ impl Bucket {
         }
     }
 
+    /// One byte per way, -1 where the way is empty, 0 where occupied; bytes 10 and 11 are -1
+    /// too (ways that do not exist: callers mask them off), 12 to 15 are 0.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn empty_bytes(&self) -> core::arch::x86_64::__m128i {
+        use core::arch::x86_64::*;
+        // SAFETY: SSE2 is part of the x86-64 baseline. The loads read inside `self.vals` (40
+        // bytes: 16 at 0, 16 at 16, 8 at 32); unaligned loads are allowed.
+        unsafe {
+            let p = self.vals.as_ptr();
+            let z = _mm_setzero_si128();
+            let a = _mm_cmpeq_epi32(_mm_loadu_si128(p.cast()), z);
+            let b = _mm_cmpeq_epi32(_mm_loadu_si128(p.add(4).cast()), z);
+            // Ways 8 and 9; the upper half loads as zero (so compares as empty).
+            let c = _mm_cmpeq_epi32(_mm_loadl_epi64(p.add(8).cast()), z);
+            _mm_packs_epi16(_mm_packs_epi32(a, b), _mm_packs_epi32(c, z))
+        }
+    }
+
     /// Occupied ways, a bit per way.
     #[inline(always)]
     fn occupied(&self) -> u32 {
         #[cfg(target_arch = "x86_64")]
         {
             use core::arch::x86_64::*;
-            // SAFETY: SSE2 is part of the x86-64 baseline. The loads read inside `self.vals`
-            // (40 bytes: 16 at 0, 16 at 16, 8 at 32); unaligned loads are allowed.
-            unsafe {
-                let p = self.vals.as_ptr();
-                let z = _mm_setzero_si128();
-                let a = _mm_cmpeq_epi32(_mm_loadu_si128(p.cast()), z);
-                let b = _mm_cmpeq_epi32(_mm_loadu_si128(p.add(4).cast()), z);
-                // Ways 8 and 9; the upper half loads as zero and is masked off below.
-                let c = _mm_cmpeq_epi32(_mm_loadl_epi64(p.add(8).cast()), z);
-                let empty = _mm_packs_epi16(_mm_packs_epi32(a, b), _mm_packs_epi32(c, z));
-                !(_mm_movemask_epi8(empty) as u32) & ALL_WAYS
-            }
+            // SAFETY: SSE2 is part of the x86-64 baseline.
+            !(unsafe { _mm_movemask_epi8(self.empty_bytes()) } as u32) & ALL_WAYS
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -525,6 +534,31 @@ impl Bucket {
     #[inline(always)]
     fn free(&self) -> u32 {
         !self.occupied() & ALL_WAYS
+    }
+
+    /// Free ways, a bit per way, and how many there are (what [`Conntrack::place`] compares;
+    /// counted without `popcnt`, which the x86-64 baseline lacks).
+    #[inline(always)]
+    fn free_ways(&self) -> (u32, u32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::*;
+            // SAFETY: SSE2 is part of the x86-64 baseline.
+            unsafe {
+                let empty = self.empty_bytes();
+                // 1 per empty way (bytes 0 to 9 only), then the sums of each half's bytes, in
+                // 16-bit lanes 0 and 4.
+                let ways = _mm_and_si128(empty, _mm_set_epi64x(0x0101, 0x0101_0101_0101_0101));
+                let sums = _mm_sad_epu8(ways, _mm_setzero_si128());
+                let n = (_mm_cvtsi128_si32(sums) + _mm_extract_epi16::<4>(sums)) as u32;
+                (_mm_movemask_epi8(empty) as u32 & ALL_WAYS, n)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let f = self.free();
+            (f, f.count_ones())
+        }
     }
 }
 
@@ -662,6 +696,14 @@ impl Conntrack {
         // SAFETY: `b` is a hash masked with `bucket_mask`, and the index has exactly
         // `bucket_mask + 1` buckets (set in `new`, never resized).
         unsafe { self.index.get_unchecked(b) }
+    }
+
+    /// [`Conntrack::bucket`], mutable.
+    #[inline(always)]
+    fn bucket_mut(&mut self, b: usize) -> &mut Bucket {
+        debug_assert!(b <= self.bucket_mask && self.bucket_mask < self.index.len());
+        // SAFETY: as in `bucket`: `b` is in range.
+        unsafe { self.index.get_unchecked_mut(b) }
     }
 
     /// Starts loading the two index lines a lookup of hash `h` reads (first pass over a batch).
@@ -897,14 +939,15 @@ impl Conntrack {
     /// Puts index value `val` (of a flow whose record is already in the slab) into a free way
     /// of the less loaded of its key's buckets, making room if both are full, and records the
     /// position in the flow.
+    #[inline(always)]
     fn place(&mut self, h: u64, val: u32, now: u64) {
         let [b0, b1] = self.buckets(h);
-        let (f0, f1) = (self.index[b0].free(), self.index[b1].free());
+        let ((f0, n0), (f1, n1)) = (self.bucket(b0).free_ways(), self.bucket(b1).free_ways());
         // The less loaded of the two buckets (the power of two choices).
-        let (b, free) = if f0 | f1 == 0 {
+        let (b, free) = if n0 | n1 == 0 {
             let b = self.make_room(b0, b1, slab_index(val), now);
             (b, self.index[b].free())
-        } else if f0.count_ones() >= f1.count_ones() {
+        } else if n0 >= n1 {
             (b0, f0)
         } else {
             (b1, f1)
@@ -917,7 +960,7 @@ impl Conntrack {
     #[inline(always)]
     fn put(&mut self, b: usize, free: u32, val: u32, tag: u16) {
         let w = free.trailing_zeros() as usize;
-        let bk = &mut self.index[b];
+        let bk = self.bucket_mut(b);
         bk.vals[w] = val;
         bk.tags[w] = tag;
         bk.tags[VERSION] = bk.tags[VERSION].wrapping_add(1);
@@ -1307,6 +1350,8 @@ mod tests {
                 hit |= u32::from(b.tags[w] == tag) << w;
             }
             assert_eq!((b.occupied(), b.matching(tag), b.free()), (occ, hit, !occ & ALL_WAYS));
+            let free = !occ & ALL_WAYS;
+            assert_eq!(b.free_ways(), (free, free.count_ones()));
         }
     }
 

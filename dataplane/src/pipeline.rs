@@ -699,23 +699,23 @@ fn new_flow(
         w.ct.lookup_hashed(&reply, h0, now).is_some()
     };
     if needs_port {
-        let Some(sip) = t.snat_ip() else {
-            return if snat {
-                // Without an address to masquerade to, send it unmasqueraded (as before SNAT
-                // was configured): the kernel path would behave the same.
-                finish_new(f, o, t, w, now, key, h, reply, None, svc, cand.id, flags, ahead.victim)
-            } else {
-                Verdict::Drop(DropReason::SnatExhausted)
-            };
-        };
-        reply.dst = u32::from(sip);
-        let Some((port, h_port)) = snat_port(w, &reply, h, now) else {
-            return Verdict::Drop(DropReason::SnatExhausted);
-        };
-        reply.dport = port;
-        hr = Some(h_port);
-        w.counters.snat_flows += 1;
+        match t.snat_ip() {
+            // Without an address to masquerade to, send it unmasqueraded (as before SNAT was
+            // configured): the kernel path would behave the same. (`hr` is still `None`.)
+            None if snat => {}
+            None => return Verdict::Drop(DropReason::SnatExhausted),
+            Some(sip) => {
+                reply.dst = u32::from(sip);
+                let Some((port, h_port)) = snat_port(w, &reply, h, now) else {
+                    return Verdict::Drop(DropReason::SnatExhausted);
+                };
+                reply.dport = port;
+                hr = Some(h_port);
+                w.counters.snat_flows += 1;
+            }
+        }
     }
+    // The one call: inlined here.
     finish_new(f, o, t, w, now, key, h, reply, hr, svc, cand.id, flags, ahead.victim)
 }
 
