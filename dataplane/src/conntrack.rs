@@ -60,7 +60,7 @@ use serde::{Deserialize, Serialize};
 use crate::balance::ConnCounts;
 use crate::mem::{prefetch, HugeArray, Zeroable};
 use crate::tables::{BackendId, ServiceId};
-use crate::wire::{nat_deltas, tcp_flags, IPPROTO_TCP, IPPROTO_UDP};
+use crate::wire::{nat_deltas_both, tcp_flags, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Slots per bucket (ten 4-byte values and ten 2-byte tags fill one 64-byte line).
 pub const WAYS: usize = 10;
@@ -310,10 +310,7 @@ impl Flow {
     ) -> Self {
         // A packet of one direction is rewritten to the reverse of the other's tuple.
         let tuple = |k: &FlowKey| (k.src, k.dst, k.sport, k.dport);
-        let nat = [
-            nat_deltas(tuple(&orig), tuple(&reply.reversed())),
-            nat_deltas(tuple(&reply), tuple(&orig.reversed())),
-        ];
+        let nat = nat_deltas_both(tuple(&orig), tuple(&reply));
         Flow { orig, reply, service, backend, generation, live: true, nat, ..Flow::EMPTY }
     }
 
@@ -1450,6 +1447,44 @@ mod tests {
         assert!(other != hint.victim || got != hint.victim);
         assert_eq!(ct.len(), 256);
         ct.check();
+    }
+
+    #[test]
+    fn a_flows_deltas_are_nat_deltas_each_way() {
+        use crate::wire::nat_deltas;
+        let mut rng = crate::balance::FastRng::new(11);
+        let tuple = |k: &FlowKey| (k.src, k.dst, k.sport, k.dport);
+        for n in 0..20_000 {
+            let mut r = || rng.next_u64();
+            // Fields often equal (unchanged by the translation) or at the extremes.
+            let pick = |x: u64, same: u32| match x % 4 {
+                0 => same,
+                1 => 0,
+                2 => u32::MAX,
+                _ => (x >> 8) as u32,
+            };
+            let orig = FlowKey {
+                src: r() as u32,
+                dst: r() as u32,
+                sport: r() as u16,
+                dport: r() as u16,
+                proto: 17,
+            };
+            let (a, b, c, d) = (r(), r(), r(), r());
+            let reply = FlowKey {
+                src: pick(a, orig.dst),
+                dst: pick(b, orig.src),
+                sport: pick(c, u32::from(orig.dport)) as u16,
+                dport: pick(d, u32::from(orig.sport)) as u16,
+                proto: 17,
+            };
+            let f = Flow::new(orig, reply, 1, 1, 0);
+            let want = [
+                nat_deltas(tuple(&orig), tuple(&reply.reversed())),
+                nat_deltas(tuple(&reply), tuple(&orig.reversed())),
+            ];
+            assert_eq!(f.nat, want, "{n}: {orig:?} {reply:?}");
+        }
     }
 
     #[test]
