@@ -837,6 +837,20 @@ impl Conntrack {
         flows[idx as usize].0.on_packet_ns(dir, flags, now, timeouts_ns);
     }
 
+    /// [`Conntrack::on_packet`] and [`Conntrack::add_bytes`] in one (one slab access, for the
+    /// packet path); returns the flow.
+    #[inline(always)]
+    pub fn account(&mut self, idx: u32, dir: Dir, flags: u8, now: u64, bytes: usize) -> &Flow {
+        let Self { flows, timeouts_ns, .. } = self;
+        let f = &mut flows[idx as usize].0;
+        f.on_packet_ns(dir, flags, now, timeouts_ns);
+        match dir {
+            Dir::Orig => f.bytes_orig += bytes as u64,
+            Dir::Reply => f.bytes_reply += bytes as u64,
+        }
+        f
+    }
+
     /// Counts `bytes` of a packet of flow `idx` (its record is in cache: the packet was just
     /// matched or inserted). See [`crate::traffic`].
     #[inline(always)]

@@ -211,14 +211,12 @@ pub fn process_batch(
 /// What the early passes learnt about a frame, as the general path of pass 3 takes it (built
 /// there from the frame's [`Lane`] and [`Miss`], only for frames the fast path does not take).
 #[derive(Clone, Copy)]
-struct Pre {
+struct Pre<'a> {
     parsed: Parsed,
     /// The frame's 5-tuple and its conntrack hash, for TCP and UDP with an L4 header.
     key: Option<(FlowKey, u64)>,
-    /// The frontend lookup of the tuple, when pass 2 did it.
-    fe: Option<Option<Frontend>>,
-    /// What pass 2c decided ahead for a new flow.
-    ahead: Ahead,
+    /// What passes 2a-2c learnt, for a frame whose tuple matched no tag in pass 2.
+    miss: Option<&'a Miss>,
 }
 
 /// What pass 1 (and pass 2, `slot`) keeps of every frame: 40 bytes, so a chunk's 64 are
@@ -391,24 +389,18 @@ fn process_chunk(
         }
         miss[i].write(Miss { fe, ahead: Ahead::default() });
     }
-    let missed_ref = |miss: &[MaybeUninit<Miss>; CHUNK], i: usize| -> Miss {
-        debug_assert!(missed & (1 << i) != 0);
-        // SAFETY: `miss[i]` was written above for every `i` in `missed`, and callers pass
-        // only such `i`.
-        unsafe { miss[i].assume_init() }
-    };
     if new_flows {
         for i in bits(missed) {
-            let (l, m) = (&lanes[i], missed_ref(&miss, i));
+            let (l, m) = (&lanes[i], written(&miss, missed, i));
             if let Some(svc) = m.fe.and_then(|fe| tables.service(fe.service)) {
                 svc.scheduler().prefetch(svc.candidates(), &pick_key(&l.key, l.h));
             }
         }
         for i in bits(missed) {
-            let (l, m) = (&lanes[i], missed_ref(&miss, i));
-            if let Some(fe) = m.fe {
+            let (l, fe) = (&lanes[i], written(&miss, missed, i).fe);
+            if let Some(fe) = fe {
                 let ahead = pick_ahead(tables, w, &l.key, l.h, &fe, now);
-                miss[i].write(Miss { fe: m.fe, ahead });
+                miss[i].write(Miss { fe: Some(fe), ahead });
             }
         }
     }
@@ -427,12 +419,10 @@ fn process_chunk(
                 continue;
             }
         }
-        let m = missed_here.then(|| missed_ref(&miss, i));
         let p = Pre {
             parsed: l.parsed(),
             key: (l.bits & KEYED != 0).then_some((l.key, l.h)),
-            fe: m.map(|m| m.fe),
-            ahead: m.map_or_else(Ahead::default, |m| m.ahead),
+            miss: missed_here.then(|| written(&miss, missed, i)),
         };
         let verdict = process_one(f, &p, tables, w, now);
         match verdict {
@@ -448,6 +438,16 @@ fn process_chunk(
     c.tx += forward + reply;
     c.nat_forward += forward;
     c.nat_reply += reply;
+}
+
+/// `miss[i]`, for a frame `i` in `missed`: `process_chunk` writes `miss[i]` for every such
+/// frame before it reads any.
+#[inline(always)]
+fn written(miss: &[MaybeUninit<Miss>; CHUNK], missed: u64, i: usize) -> &Miss {
+    assert!(missed & (1 << i) != 0);
+    // SAFETY: `i` is in `missed` (checked above), and `process_chunk` writes `miss[i]` for
+    // every frame in `missed` in pass 2a, before any call.
+    unsafe { miss[i].assume_init_ref() }
 }
 
 /// The set bits of `m`, lowest first.
@@ -494,9 +494,7 @@ fn established(
     let proto = l.key.proto;
     let flags = if proto == IPPROTO_TCP { b[ETH_HLEN + 20 + 13] } else { 0 };
     let end = l.end as usize;
-    w.ct.on_packet(idx, dir, flags, now);
-    w.ct.add_bytes(idx, dir, end - ETH_HLEN);
-    let (to, deltas) = w.ct.flow(idx).nat(dir);
+    let (to, deltas) = w.ct.account(idx, dir, flags, now, end - ETH_HLEN).nat(dir);
     wire::nat_apply(b, ETH_HLEN, ETH_HLEN + 20, proto, to.src, to.dst, to.sport, to.dport, deltas);
     b[0..6].copy_from_slice(&hop.dst_mac);
     b[6..12].copy_from_slice(&hop.src_mac);
@@ -524,7 +522,7 @@ fn process_one(f: &mut Frame<'_>, p: &Pre, t: &Tables, w: &mut WorkerState, now:
         return Verdict::Pass(PassReason::TtlExpired);
     }
     match (o.proto, p.key) {
-        (IPPROTO_TCP | IPPROTO_UDP, Some((key, h))) => l4(f, &o, t, w, now, key, h, p.fe, p.ahead),
+        (IPPROTO_TCP | IPPROTO_UDP, Some((key, h))) => l4(f, &o, t, w, now, key, h, p.miss),
         (IPPROTO_TCP | IPPROTO_UDP, None) => later_fragment(f, &o, t, w, now),
         (IPPROTO_ICMP, _) if !o.fragment => icmp(f, &o, t, w, now),
         _ => {
@@ -559,7 +557,8 @@ fn frontend_key(key: &FlowKey) -> FrontendKey {
 }
 
 /// A TCP or UDP datagram with its L4 header; `key` is its tuple, `h` the tuple's conntrack hash,
-/// `fe` its frontend if already looked up, `ahead` its backend if already picked.
+/// `miss` what passes 2a-2c found for it (its frontend, looked up, and maybe its backend,
+/// picked ahead) when its tuple matched no tag in pass 2.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn l4(
@@ -570,8 +569,7 @@ fn l4(
     now: u64,
     key: FlowKey,
     h: u64,
-    fe: Option<Option<Frontend>>,
-    ahead: Ahead,
+    miss: Option<&Miss>,
 ) -> Verdict {
     if o.fragment {
         let id = ip::id(f.buf, o.l3);
@@ -581,7 +579,10 @@ fn l4(
     if let Some((idx, dir)) = w.ct.lookup_hashed(&key, h, now) {
         return known_flow(f, o, t, w, now, Hit { key, h, idx, dir, flags });
     }
-    let fe = fe.unwrap_or_else(|| t.frontend(&frontend_key(&key)).copied());
+    let fe = match miss {
+        Some(m) => m.fe,
+        None => t.frontend(&frontend_key(&key)).copied(),
+    };
     if w.workers > 1 && !w.local_only {
         // Not in this worker's table: the flow (or the new flow this packet starts) belongs
         // to the worker that owns its client side. A packet to a frontend is client to
@@ -595,6 +596,7 @@ fn l4(
         }
     }
     if let Some(fe) = fe {
+        let ahead = miss.map_or_else(Ahead::default, |m| m.ahead);
         return new_flow(f, o, t, w, now, key, h, fe, flags, ahead);
     }
     if t.is_vip(key.dst) {
@@ -679,13 +681,11 @@ fn known_flow(
             return v;
         }
     }
-    w.ct.on_packet(idx, dir, flags, now);
-    w.ct.add_bytes(idx, dir, o.end - o.l3);
     match dir {
         Dir::Orig => w.counters.nat_forward += 1,
         Dir::Reply => w.counters.nat_reply += 1,
     }
-    let fl = w.ct.flow(idx);
+    let fl = w.ct.account(idx, dir, flags, now, o.end - o.l3);
     let (to, deltas) = fl.nat(dir);
     let hop = fl.hop(dir);
     match t.routes().hop(hop.wrapping_sub(1)) {
