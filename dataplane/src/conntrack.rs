@@ -48,14 +48,17 @@
 //!   the least-connection schedulers drop back when flows end.
 //! - Timeouts follow Linux's `nf_conntrack` defaults and are configurable.
 //!
-//! The hash is seeded per table (aHash), so a sender cannot aim collisions at one bucket to
-//! evict other flows.
+//! The hash is seeded at random per table (foldhash: one folded 64x64->128-bit multiply of the
+//! packed tuple with secret seeds, the hash hashbrown uses), so a sender cannot aim collisions
+//! at one bucket to evict other flows without knowing the seeds.
 
 use crate::traffic::Traffic;
 use std::sync::Arc;
 
-use ahash::RandomState;
+use foldhash::fast::SeedableRandomState as RandomState;
+use foldhash::SharedSeed;
 use serde::{Deserialize, Serialize};
+use std::hash::BuildHasher;
 
 use crate::balance::ConnCounts;
 use crate::mem::{prefetch, HugeArray, Zeroable};
@@ -90,11 +93,12 @@ pub struct FlowKey {
 
 impl FlowKey {
     #[inline(always)]
-    fn pack(&self) -> [u64; 2] {
-        [
-            (u64::from(self.src) << 32) | u64::from(self.dst),
-            (u64::from(self.sport) << 24) | (u64::from(self.dport) << 8) | u64::from(self.proto),
-        ]
+    fn pack(&self) -> u128 {
+        (u128::from(self.src) << 96)
+            | (u128::from(self.dst) << 64)
+            | (u128::from(self.sport) << 24)
+            | (u128::from(self.dport) << 8)
+            | u128::from(self.proto)
     }
     /// The same flow seen from the other side.
     #[inline]
@@ -598,7 +602,7 @@ impl Conntrack {
     /// A table for `capacity` flows (at least 16, at most 2^27). Backend connection counts are
     /// kept in `conns`: incremented on insert, decremented when a flow leaves.
     pub fn new(capacity: usize, timeouts: Timeouts, conns: Arc<ConnCounts>) -> Self {
-        Self::with_hasher(capacity, timeouts, conns, RandomState::new())
+        Self::with_hasher(capacity, timeouts, conns, RandomState::random())
     }
 
     /// [`Conntrack::new`] with a fixed hash seed, for tests that compare two tables: the
@@ -610,12 +614,11 @@ impl Conntrack {
         conns: Arc<ConnCounts>,
         seed: u64,
     ) -> Self {
-        let k = |i: u64| seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(i);
         Self::with_hasher(
             capacity,
             timeouts,
             conns,
-            RandomState::with_seeds(k(1), k(2), k(3), k(4)),
+            RandomState::with_seed(seed, SharedSeed::global_fixed()),
         )
     }
 
@@ -715,18 +718,19 @@ impl Conntrack {
     /// Starts loading the flow records a lookup of a key of hash `h` will read: those whose
     /// tags match in its buckets (normally just its own flow). For a key with no match, when the
     /// slab is full, the first lines of the eviction candidates an insert of it would examine.
-    /// Returns whether some tag matched (if not, the key is certainly not in the table).
+    /// Returns the index slot value of the first tag match ([`Conntrack::confirm`] checks it),
+    /// or 0 when no tag matched: the key is then certainly not in the table.
     /// Best after [`Conntrack::prefetch_buckets`] had time to complete (second pass over a
     /// batch). A match in the key's first bucket ends the search, as it ends the lookup: the
     /// second bucket's line is then not waited for (a false tag match there, under one lookup
     /// in 3,000, leaves the real record for the lookup to load).
     #[inline(always)]
-    pub fn prefetch_flow(&self, h: u64) -> bool {
+    pub fn prefetch_flow(&self, h: u64) -> u32 {
         let tag = tag_of(h);
         let base = self.flows.as_ptr();
-        let mut hit = false;
+        let mut hit = 0;
         for b in self.buckets(h) {
-            if hit {
+            if hit != 0 {
                 break;
             }
             let bk = self.bucket(b);
@@ -734,18 +738,37 @@ impl Conntrack {
             while m != 0 {
                 let w = m.trailing_zeros() as usize;
                 m &= m - 1;
-                let e = base.wrapping_add(slab_index(bk.vals[w]) as usize);
+                let v = bk.vals[w];
+                let e = base.wrapping_add(slab_index(v) as usize);
                 prefetch(e);
                 prefetch(e.cast::<u8>().wrapping_add(64));
-                hit = true;
+                if hit == 0 {
+                    hit = v;
+                }
             }
         }
-        if !hit && self.free.is_empty() {
+        if hit == 0 && self.free.is_empty() {
             // The first lines, which hold what the victim choice compares; the chosen one's
             // second line follows in `prefetch_eviction`.
             self.sample_victims(h, |fi| prefetch(base.wrapping_add(fi as usize)));
         }
         hit
+    }
+
+    /// The live, unexpired flow that index slot value `slot` (from [`Conntrack::prefetch_flow`],
+    /// earlier in the same batch) points at, if it holds `key` in that slot's direction: what
+    /// a lookup would find (without removing an expired flow), without searching the buckets
+    /// again. A key is in
+    /// the table at most once, so a live record holding it is its flow even if the slot was
+    /// reused since. `None` (a false tag match, or the flow changed since) says nothing:
+    /// search with [`Conntrack::lookup_hashed`].
+    #[inline(always)]
+    pub fn confirm(&self, slot: u32, key: &FlowKey, now: u64) -> Option<(u32, Dir)> {
+        let idx = slab_index(slot);
+        let f = &self.flows.get(idx as usize)?.0;
+        let (held, dir) =
+            if slot & REPLY_BIT == 0 { (&f.orig, Dir::Orig) } else { (&f.reply, Dir::Reply) };
+        (f.live && *held == *key && f.expires > now).then_some((idx, dir))
     }
 
     /// For a key of hash `h` about to be inserted when the slab is full: picks the victim the
@@ -851,6 +874,20 @@ impl Conntrack {
     pub fn on_packet(&mut self, idx: u32, dir: Dir, flags: u8, now: u64) {
         let Self { flows, timeouts_ns, .. } = self;
         flows[idx as usize].0.on_packet_ns(dir, flags, now, timeouts_ns);
+    }
+
+    /// [`Conntrack::on_packet`] and [`Conntrack::add_bytes`] in one (one slab access, for the
+    /// packet path); returns the flow.
+    #[inline(always)]
+    pub fn account(&mut self, idx: u32, dir: Dir, flags: u8, now: u64, bytes: usize) -> &Flow {
+        let Self { flows, timeouts_ns, .. } = self;
+        let f = &mut flows[idx as usize].0;
+        f.on_packet_ns(dir, flags, now, timeouts_ns);
+        match dir {
+            Dir::Orig => f.bytes_orig += bytes as u64,
+            Dir::Reply => f.bytes_reply += bytes as u64,
+        }
+        f
     }
 
     /// Counts `bytes` of a packet of flow `idx` (its record is in cache: the packet was just

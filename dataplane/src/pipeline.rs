@@ -27,6 +27,7 @@
 //! Checksums are updated incrementally (RFC 1624). Every drop and pass has a reason and a
 //! counter. Nothing here allocates.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use crate::affinity::AffinityTable;
@@ -40,7 +41,7 @@ use crate::mem::prefetch;
 use crate::tables::{Frontend, FrontendKey, ServicePort, Tables};
 use crate::wire::{
     self, csum_fold, csum_partial, csum_replace2, ip, rd16, rd32, tcp_flags, wr16, wr32, Offsets,
-    Parsed, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    Parsed, ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 /// First port of the source-NAT range (Linux's ephemeral range).
@@ -207,15 +208,101 @@ pub fn process_batch(
     }
 }
 
-/// What the early passes learnt about a frame.
+/// What the early passes learnt about a frame, as the general path of pass 3 takes it (built
+/// there from the frame's [`Lane`] and [`Miss`], only for frames the fast path does not take).
 #[derive(Clone, Copy)]
-struct Pre {
+struct Pre<'a> {
     parsed: Parsed,
     /// The frame's 5-tuple and its conntrack hash, for TCP and UDP with an L4 header.
     key: Option<(FlowKey, u64)>,
-    /// The frontend lookup of the tuple, when pass 2 did it.
-    fe: Option<Option<Frontend>>,
-    /// What pass 2c decided ahead for a new flow.
+    /// What passes 2a-2c learnt, for a frame whose tuple matched no tag in pass 2.
+    miss: Option<&'a Miss>,
+}
+
+/// What pass 1 (and pass 2, `slot`) keeps of every frame: 40 bytes, so a chunk's 64 are
+/// 2.5 KB of stack, zeroed in one `memset`. The parse is kept compactly ([`Lane::parsed`] restores it).
+#[derive(Clone, Copy, Default)]
+struct Lane {
+    /// The 5-tuple (with [`KEYED`]).
+    key: FlowKey,
+    /// Its conntrack hash (with [`KEYED`]).
+    h: u64,
+    /// The index slot of its first tag match in pass 2 (0: none), for
+    /// [`Conntrack::confirm`].
+    slot: u32,
+    /// [`Offsets`] of an IPv4 frame (no field exceeds these widths: `l3` is at most 22,
+    /// `l4` at most 82, `end` at most 65,557).
+    end: u32,
+    l3: u8,
+    l4: u8,
+    proto: u8,
+    /// The `Parsed` variant ([`CODE`] bits; 0 is `Ipv4`) and the flags below.
+    bits: u8,
+}
+
+/// [`Lane::bits`]: the frame has a TCP or UDP tuple, hashed, its index lines prefetched.
+const KEYED: u8 = 0x80;
+/// [`Lane::bits`]: the frame is the common one of [`wire::parse_common`] (offsets 14 and 34).
+const COMMON: u8 = 0x40;
+/// [`Lane::bits`]: `Offsets::has_l4`.
+const HAS_L4: u8 = 0x20;
+/// [`Lane::bits`]: `Offsets::fragment`.
+const FRAGMENT: u8 = 0x10;
+/// [`Lane::bits`]: the `Parsed` variant, in declaration order.
+const CODE: u8 = 0x07;
+
+impl Lane {
+    #[inline(always)]
+    fn set_ipv4(&mut self, o: &Offsets, bits: u8) {
+        self.end = o.end as u32;
+        self.l3 = o.l3 as u8;
+        self.l4 = o.l4 as u8;
+        self.proto = o.proto;
+        self.bits =
+            bits | if o.has_l4 { HAS_L4 } else { 0 } | if o.fragment { FRAGMENT } else { 0 };
+    }
+
+    #[inline(always)]
+    fn set(&mut self, p: &Parsed) {
+        self.bits = match p {
+            Parsed::Ipv4(o) => return self.set_ipv4(o, 0),
+            Parsed::Arp => 1,
+            Parsed::Ipv6 => 2,
+            Parsed::OtherEthertype => 3,
+            Parsed::EthTruncated => 4,
+            Parsed::IpMalformed => 5,
+            Parsed::IpChecksum => 6,
+            Parsed::L4Malformed => 7,
+        };
+    }
+
+    #[inline(always)]
+    fn parsed(&self) -> Parsed {
+        match self.bits & CODE {
+            0 => Parsed::Ipv4(Offsets {
+                l3: usize::from(self.l3),
+                l4: usize::from(self.l4),
+                end: self.end as usize,
+                proto: self.proto,
+                has_l4: self.bits & HAS_L4 != 0,
+                fragment: self.bits & FRAGMENT != 0,
+            }),
+            1 => Parsed::Arp,
+            2 => Parsed::Ipv6,
+            3 => Parsed::OtherEthertype,
+            4 => Parsed::EthTruncated,
+            5 => Parsed::IpMalformed,
+            6 => Parsed::IpChecksum,
+            _ => Parsed::L4Malformed,
+        }
+    }
+}
+
+/// What passes 2a-2c learnt about a frame whose tuple matched no tag in pass 2 (a new flow,
+/// most likely).
+#[derive(Clone, Copy)]
+struct Miss {
+    fe: Option<Frontend>,
     ahead: Ahead,
 }
 
@@ -248,82 +335,96 @@ fn process_chunk(
     now: u64,
 ) {
     debug_assert!(frames.len() <= CHUNK && frames.len() == verdicts.len());
-    let mut pre = [Pre {
-        parsed: Parsed::EthTruncated,
-        key: None,
-        fe: None,
-        ahead: Ahead { pick: None, victim: None },
-    }; CHUNK];
-    for (f, p) in frames.iter_mut().zip(pre.iter_mut()) {
+    let n = frames.len().min(CHUNK);
+    let mut lanes = [Lane::default(); CHUNK];
+    for (f, l) in frames.iter_mut().zip(lanes.iter_mut()) {
         let len = f.len.min(f.buf.len());
         f.len = len;
         let frame = &f.buf[..len];
         // The common frame (its offsets are constants here) and the others, each with its
         // own copy of the tuple read.
-        let key = match wire::parse_common(frame) {
+        l.key = match wire::parse_common(frame) {
             Some(o) => {
-                p.parsed = Parsed::Ipv4(o);
+                l.set_ipv4(&o, KEYED | COMMON);
                 tuple(frame, &o)
             }
             None => {
-                p.parsed = wire::parse_general(frame);
-                match &p.parsed {
+                let p = wire::parse_general(frame);
+                l.set(&p);
+                match &p {
                     Parsed::Ipv4(o)
                         if o.has_l4 && (o.proto == IPPROTO_TCP || o.proto == IPPROTO_UDP) =>
                     {
+                        l.bits |= KEYED;
                         tuple(frame, o)
                     }
                     _ => continue,
                 }
             }
         };
-        let h = w.ct.hash(&key);
-        w.ct.prefetch_buckets(h);
-        p.key = Some((key, h));
+        l.h = w.ct.hash(&l.key);
+        w.ct.prefetch_buckets(l.h);
     }
-    let mut misses = false;
-    for p in &mut pre[..frames.len()] {
-        if let Some((key, h)) = p.key {
-            if !w.ct.prefetch_flow(h) {
-                tables.prefetch_frontend(&frontend_key(&key));
-                // Looked up in the next pass.
-                p.fe = Some(None);
-                misses = true;
+    // Frames whose tuple matched no tag (a bit per frame), and what the next passes learn of
+    // them: `miss[i]` is written for every frame in `missed`, and read only for those.
+    let mut missed = 0u64;
+    let mut miss = [const { MaybeUninit::<Miss>::uninit() }; CHUNK];
+    for (i, l) in lanes[..n].iter_mut().enumerate() {
+        if l.bits & KEYED != 0 {
+            l.slot = w.ct.prefetch_flow(l.h);
+            if l.slot == 0 {
+                tables.prefetch_frontend(&frontend_key(&l.key));
+                missed |= 1 << i;
             }
         }
     }
     let mut new_flows = false;
-    if misses {
-        for p in &mut pre[..frames.len()] {
-            if let (Some((key, _)), Some(_)) = (p.key, p.fe) {
-                let fe = tables.frontend(&frontend_key(&key)).copied();
-                if let Some(svc) = fe.and_then(|fe| tables.service_arc(fe.service)) {
-                    // What a new flow reads of it is its first line.
-                    prefetch(Arc::as_ptr(svc));
-                    new_flows = true;
-                }
-                p.fe = Some(fe);
-            }
+    for i in bits(missed) {
+        let key = &lanes[i].key;
+        let fe = tables.frontend(&frontend_key(key)).copied();
+        if let Some(svc) = fe.and_then(|fe| tables.service_arc(fe.service)) {
+            // What a new flow reads of it is its first line.
+            prefetch(Arc::as_ptr(svc));
+            new_flows = true;
         }
+        miss[i].write(Miss { fe, ahead: Ahead::default() });
     }
     if new_flows {
-        for p in &pre[..frames.len()] {
-            if let (Some((key, h)), Some(svc)) =
-                (p.key, p.fe.flatten().and_then(|fe| tables.service(fe.service)))
-            {
-                let pk = pick_key(&key, h);
-                svc.scheduler().prefetch(svc.candidates(), &pk);
+        for i in bits(missed) {
+            let (l, m) = (&lanes[i], written(&miss, missed, i));
+            if let Some(svc) = m.fe.and_then(|fe| tables.service(fe.service)) {
+                svc.scheduler().prefetch(svc.candidates(), &pick_key(&l.key, l.h));
             }
         }
-        for p in &mut pre[..frames.len()] {
-            if let (Some((key, h)), Some(Some(fe))) = (p.key, p.fe) {
-                p.ahead = pick_ahead(tables, w, &key, h, &fe, now);
+        for i in bits(missed) {
+            let (l, fe) = (&lanes[i], written(&miss, missed, i).fe);
+            if let Some(fe) = fe {
+                let ahead = pick_ahead(tables, w, &l.key, l.h, &fe, now);
+                miss[i].write(Miss { fe: Some(fe), ahead });
             }
         }
     }
-    for ((f, v), p) in frames.iter_mut().zip(verdicts.iter_mut()).zip(pre.iter()) {
-        w.counters.rx += 1;
-        let verdict = process_one(f, p, tables, w, now);
+    let (generation, routes) = (tables.generation(), tables.routes());
+    let (mut forward, mut reply) = (0u64, 0u64);
+    for (i, (f, v)) in frames.iter_mut().zip(verdicts.iter_mut()).enumerate() {
+        let l = &lanes[i];
+        let missed_here = missed & (1 << i) != 0;
+        if l.bits & COMMON != 0 && !missed_here {
+            if let Some((ifindex, dir)) = established(f, l, w, generation, routes, now) {
+                match dir {
+                    Dir::Orig => forward += 1,
+                    Dir::Reply => reply += 1,
+                }
+                *v = Verdict::Tx { ifindex };
+                continue;
+            }
+        }
+        let p = Pre {
+            parsed: l.parsed(),
+            key: (l.bits & KEYED != 0).then_some((l.key, l.h)),
+            miss: missed_here.then(|| written(&miss, missed, i)),
+        };
+        let verdict = process_one(f, &p, tables, w, now);
         match verdict {
             Verdict::Tx { .. } => w.counters.tx += 1,
             Verdict::Pass(r) => w.counters.passed(r),
@@ -332,6 +433,74 @@ fn process_chunk(
         }
         *v = verdict;
     }
+    let c = &mut w.counters;
+    c.rx += n as u64;
+    c.tx += forward + reply;
+    c.nat_forward += forward;
+    c.nat_reply += reply;
+}
+
+/// `miss[i]`, for a frame `i` in `missed`: `process_chunk` writes `miss[i]` for every such
+/// frame before it reads any.
+#[inline(always)]
+fn written(miss: &[MaybeUninit<Miss>; CHUNK], missed: u64, i: usize) -> &Miss {
+    assert!(missed & (1 << i) != 0);
+    // SAFETY: `i` is in `missed` (checked above), and `process_chunk` writes `miss[i]` for
+    // every frame in `missed` in pass 2a, before any call.
+    unsafe { miss[i].assume_init_ref() }
+}
+
+/// The set bits of `m`, lowest first.
+#[inline(always)]
+fn bits(mut m: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        (m != 0).then(|| {
+            let i = m.trailing_zeros() as usize;
+            m &= m - 1;
+            i
+        })
+    })
+}
+
+/// Pass 3's fast path: a packet of a known flow in a common frame (pass 1 found offsets 14
+/// and 34, TCP or UDP, not a fragment) whose record is live, was checked against this table
+/// generation and has a next hop. It does what [`known_flow`] does in that case, and returns
+/// the egress interface and the packet's direction. `None` (TTL about to expire, no live
+/// flow, a new generation, no next hop) changes nothing: the frame then takes the general
+/// path, which handles every case, this one included.
+#[inline(always)]
+fn established(
+    f: &mut Frame<'_>,
+    l: &Lane,
+    w: &mut WorkerState,
+    generation: u64,
+    routes: &crate::tables::Routes,
+    now: u64,
+) -> Option<(u32, Dir)> {
+    // `parse_common` checked that the headers are in the frame (the TCP header's 20 bytes at
+    // 34 for TCP); with 54 bytes of room every offset below is a constant in range.
+    let b: &mut [u8; 54] = f.buf.first_chunk_mut()?;
+    if b[ETH_HLEN + 8] <= 1 {
+        // The TTL would expire: the general path gives it to the kernel.
+        return None;
+    }
+    let (idx, dir) = w.ct.confirm(l.slot, &l.key, now)?;
+    let fl = w.ct.flow(idx);
+    // `HOP_UNRESOLVED` (0) wraps to `u32::MAX` and `HOP_NONE` to `u32::MAX - 1`: no such hop.
+    if fl.generation != generation {
+        return None;
+    }
+    let hop = routes.hop(fl.hop(dir).wrapping_sub(1))?;
+    let proto = l.key.proto;
+    let flags = if proto == IPPROTO_TCP { b[ETH_HLEN + 20 + 13] } else { 0 };
+    let end = l.end as usize;
+    let (to, deltas) = w.ct.account(idx, dir, flags, now, end - ETH_HLEN).nat(dir);
+    wire::nat_apply(b, ETH_HLEN, ETH_HLEN + 20, proto, to.src, to.dst, to.sport, to.dport, deltas);
+    b[0..6].copy_from_slice(&hop.dst_mac);
+    b[6..12].copy_from_slice(&hop.src_mac);
+    // Ethernet padding is not part of the datagram.
+    f.len = end;
+    Some((hop.ifindex, dir))
 }
 
 /// One frame, parsed in pass 1 (`f.len` is already clamped to the buffer).
@@ -353,7 +522,7 @@ fn process_one(f: &mut Frame<'_>, p: &Pre, t: &Tables, w: &mut WorkerState, now:
         return Verdict::Pass(PassReason::TtlExpired);
     }
     match (o.proto, p.key) {
-        (IPPROTO_TCP | IPPROTO_UDP, Some((key, h))) => l4(f, &o, t, w, now, key, h, p.fe, p.ahead),
+        (IPPROTO_TCP | IPPROTO_UDP, Some((key, h))) => l4(f, &o, t, w, now, key, h, p.miss),
         (IPPROTO_TCP | IPPROTO_UDP, None) => later_fragment(f, &o, t, w, now),
         (IPPROTO_ICMP, _) if !o.fragment => icmp(f, &o, t, w, now),
         _ => {
@@ -388,7 +557,8 @@ fn frontend_key(key: &FlowKey) -> FrontendKey {
 }
 
 /// A TCP or UDP datagram with its L4 header; `key` is its tuple, `h` the tuple's conntrack hash,
-/// `fe` its frontend if already looked up, `ahead` its backend if already picked.
+/// `miss` what passes 2a-2c found for it (its frontend, looked up, and maybe its backend,
+/// picked ahead) when its tuple matched no tag in pass 2.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn l4(
@@ -399,8 +569,7 @@ fn l4(
     now: u64,
     key: FlowKey,
     h: u64,
-    fe: Option<Option<Frontend>>,
-    ahead: Ahead,
+    miss: Option<&Miss>,
 ) -> Verdict {
     if o.fragment {
         let id = ip::id(f.buf, o.l3);
@@ -410,7 +579,10 @@ fn l4(
     if let Some((idx, dir)) = w.ct.lookup_hashed(&key, h, now) {
         return known_flow(f, o, t, w, now, Hit { key, h, idx, dir, flags });
     }
-    let fe = fe.unwrap_or_else(|| t.frontend(&frontend_key(&key)).copied());
+    let fe = match miss {
+        Some(m) => m.fe,
+        None => t.frontend(&frontend_key(&key)).copied(),
+    };
     if w.workers > 1 && !w.local_only {
         // Not in this worker's table: the flow (or the new flow this packet starts) belongs
         // to the worker that owns its client side. A packet to a frontend is client to
@@ -424,6 +596,7 @@ fn l4(
         }
     }
     if let Some(fe) = fe {
+        let ahead = miss.map_or_else(Ahead::default, |m| m.ahead);
         return new_flow(f, o, t, w, now, key, h, fe, flags, ahead);
     }
     if t.is_vip(key.dst) {
@@ -508,13 +681,11 @@ fn known_flow(
             return v;
         }
     }
-    w.ct.on_packet(idx, dir, flags, now);
-    w.ct.add_bytes(idx, dir, o.end - o.l3);
     match dir {
         Dir::Orig => w.counters.nat_forward += 1,
         Dir::Reply => w.counters.nat_reply += 1,
     }
-    let fl = w.ct.flow(idx);
+    let fl = w.ct.account(idx, dir, flags, now, o.end - o.l3);
     let (to, deltas) = fl.nat(dir);
     let hop = fl.hop(dir);
     match t.routes().hop(hop.wrapping_sub(1)) {

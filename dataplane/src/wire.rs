@@ -214,12 +214,11 @@ pub fn parse_common(frame: &[u8]) -> Option<Offsets> {
     // taken in native byte order (RFC 1071: byte order does not matter to the one's-complement
     // sum; 0xffff reads the same swapped).
     let w = |i: usize| u64::from(u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]));
+    // Folding with end-around carries computes the sum modulo 0xffff (2^16 = 1 there, so a
+    // 32-bit word counts as its two halves), with 0xffff standing for 0; the sum is not 0
+    // (byte 14 is 0x45), so the check is that it is a multiple of 0xffff: one multiply.
     let sum = w(14) + w(18) + w(22) + w(26) + w(30);
-    let s = (sum & 0xffff_ffff) + (sum >> 32);
-    let s = (s & 0xffff) + (s >> 16);
-    let s = (s & 0xffff) + (s >> 16);
-    let s = (s & 0xffff) + (s >> 16);
-    if s != 0xffff {
+    if sum % 0xffff != 0 {
         return None;
     }
     let l4 = ETH_HLEN + 20;
