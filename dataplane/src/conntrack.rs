@@ -370,6 +370,14 @@ impl Flow {
         self.expires = now + t.0[slot];
     }
 
+    #[inline(always)]
+    fn count_bytes(&mut self, dir: Dir, bytes: usize) {
+        match dir {
+            Dir::Orig => self.bytes_orig += bytes as u64,
+            Dir::Reply => self.bytes_reply += bytes as u64,
+        }
+    }
+
     #[inline(never)]
     fn tcp_next(&mut self, dir: Dir, flags: u8) -> State {
         use State::*;
@@ -883,10 +891,7 @@ impl Conntrack {
         let Self { flows, timeouts_ns, .. } = self;
         let f = &mut flows[idx as usize].0;
         f.on_packet_ns(dir, flags, now, timeouts_ns);
-        match dir {
-            Dir::Orig => f.bytes_orig += bytes as u64,
-            Dir::Reply => f.bytes_reply += bytes as u64,
-        }
+        f.count_bytes(dir, bytes);
         f
     }
 
@@ -894,11 +899,7 @@ impl Conntrack {
     /// matched or inserted). See [`crate::traffic`].
     #[inline(always)]
     pub fn add_bytes(&mut self, idx: u32, dir: Dir, bytes: usize) {
-        let f = &mut self.flows[idx as usize].0;
-        match dir {
-            Dir::Orig => f.bytes_orig += bytes as u64,
-            Dir::Reply => f.bytes_reply += bytes as u64,
-        }
+        self.flows[idx as usize].0.count_bytes(dir, bytes);
     }
 
     /// Traffic of the flows removed so far, by backend (see [`crate::traffic`]).

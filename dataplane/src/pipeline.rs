@@ -142,6 +142,9 @@ pub struct WorkerState {
     /// Set while processing frames another worker handed over: they are this worker's, so
     /// they are never handed on again.
     pub local_only: bool,
+    /// Every frame takes the general path of pass 3 (the fast path for established packets,
+    /// [`established`], is off): tests compare the two.
+    pub(crate) general_only: bool,
 }
 
 impl WorkerState {
@@ -156,6 +159,7 @@ impl WorkerState {
             worker_id: cfg.worker_id,
             workers: cfg.workers.max(1),
             local_only: false,
+            general_only: false,
         }
     }
     /// This worker's index.
@@ -191,7 +195,10 @@ const CHUNK: usize = 64;
 ///      scheduler's pick is a pure function of the packet (random, sh, dh, Maglev, without
 ///      session affinity), pick now, hash the reply key the new flow would have and prefetch
 ///      its conntrack index lines (checked for a clash) and the backend's connection count;
-/// 3. process each frame in order, reusing the parse, the hash, the frontend and the pick.
+/// 3. process each frame in order, reusing the parse, the hash, the frontend and the pick; a
+///    packet of a known flow in a common frame takes a fast path ([`established`]) that
+///    confirms pass 2's tag match instead of searching again, and falls back to the general
+///    path for anything unusual.
 ///
 /// The early passes read the frames and the tables but change nothing (and the tables do not
 /// change during a batch), so the result is the same as processing the frames one by one.
@@ -406,10 +413,11 @@ fn process_chunk(
     }
     let (generation, routes) = (tables.generation(), tables.routes());
     let (mut forward, mut reply) = (0u64, 0u64);
+    let fast = if w.general_only { 0 } else { COMMON };
     for (i, (f, v)) in frames.iter_mut().zip(verdicts.iter_mut()).enumerate() {
         let l = &lanes[i];
         let missed_here = missed & (1 << i) != 0;
-        if l.bits & COMMON != 0 && !missed_here {
+        if l.bits & fast != 0 && !missed_here {
             if let Some((ifindex, dir)) = established(f, l, w, generation, routes, now) {
                 match dir {
                     Dir::Orig => forward += 1,
@@ -1448,6 +1456,17 @@ mod tests {
         w: &mut WorkerState,
         t: &Tables,
     ) -> Vec<(Verdict, Vec<u8>)> {
+        run_at(pkts, batch, w, t, 1)
+    }
+
+    /// [`run`] at time `now`.
+    fn run_at(
+        pkts: &[Vec<u8>],
+        batch: usize,
+        w: &mut WorkerState,
+        t: &Tables,
+        now: u64,
+    ) -> Vec<(Verdict, Vec<u8>)> {
         let mut out = Vec::new();
         for chunk in pkts.chunks(batch) {
             let mut bufs: Vec<Vec<u8>> = chunk
@@ -1464,7 +1483,7 @@ mod tests {
                 .map(|(b, p)| Frame { buf: b, len: p.len(), ifindex: 2 })
                 .collect();
             let mut v = vec![Verdict::Drop(DropReason::NoRoom); frames.len()];
-            process_batch(&mut frames, &mut v, t, w, 1);
+            process_batch(&mut frames, &mut v, t, w, now);
             let lens: Vec<usize> = frames.iter().map(|f| f.len).collect();
             for ((v, b), len) in v.into_iter().zip(&bufs).zip(lens) {
                 out.push((v, b[..len].to_vec()));
@@ -1605,6 +1624,128 @@ mod tests {
         assert!(expected.iter().any(|(v, _)| *v == Verdict::Tx { ifindex: 2 }));
         assert!(all.ct.stats().evicted > 0);
         assert_eq!(format!("{:?}", one.counters), format!("{:?}", all.counters));
+    }
+
+    #[test]
+    fn the_established_fast_path_gives_what_the_general_path_gives() {
+        // A random mix of TCP (every flag combination that matters) and UDP packets in both
+        // directions, TTLs that expire, time jumps past the timeouts, table generations that
+        // move the routes, a small table that evicts, random batch sizes: the same frames
+        // through two workers with the same conntrack seed, one with the fast path off, give
+        // the same verdicts, bytes, counters and conntrack.
+        use crate::balance::FastRng;
+        // Services 1..=3 as `tables` (UDP), service 4 on 10.96.0.4:80/TCP.
+        let build = |generation: u64, routes: Routes| {
+            let mut b = Tables::builder(generation);
+            for i in 1..=4u32 {
+                let (proto, port, target) =
+                    if i == 4 { (Protocol::Tcp, 80, 8080) } else { (Protocol::Udp, 53, 5353) };
+                let spec = ServiceSpec {
+                    id: i,
+                    name: format!("t/svc-{i}"),
+                    proto,
+                    algorithm: Algorithm::Random,
+                    affinity_timeout_s: None,
+                    maglev_size: DEFAULT_MAGLEV_SIZE,
+                };
+                let backends = vec![Backend::ready(i, Ipv4Addr::from(BACKEND + i), target)];
+                b.upsert_service(Arc::new(ServicePort::new(spec, backends))).unwrap();
+                let fe = Frontend {
+                    service: i,
+                    kind: FrontendKind::ClusterIp,
+                    masquerade_remote: false,
+                };
+                b.upsert_frontend(FrontendKey::new(Ipv4Addr::from(VIP + i), port, proto), fe)
+                    .unwrap();
+            }
+            b.routes(routes).build()
+        };
+        // Generation 2 sends the backends out of interface 5, generation 3 has no route to
+        // them (the kernel gets those packets).
+        let mut moved = routes();
+        let hop5 = NextHop { ifindex: 5, src_mac: [2, 0, 0, 0, 0, 5], dst_mac: [2, 0, 0, 0, 0, 6] };
+        moved.add_prefix(Ipv4Addr::from(BACKEND), 24, hop5);
+        let mut clients_only = Routes::default();
+        let hop2 = NextHop { ifindex: 2, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 0, 2] };
+        clients_only.add_prefix(Ipv4Addr::from(CLIENT), 16, hop2);
+        let gens = [build(1, routes()), build(2, moved), build(3, clients_only)];
+
+        let tcp = |src: u32, sport: u16, dst: u32, dport: u16, ttl: u8, flags: u8| {
+            let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 1])
+                .ipv4(Ipv4Addr::from(src).octets(), Ipv4Addr::from(dst).octets(), ttl)
+                .tcp(sport, dport, 1000, 512);
+            let mut out = Vec::with_capacity(b.size(4));
+            b.write(&mut out, b"data").unwrap();
+            // Flags at byte 14 + 20 + 13; the pipeline does not verify the TCP checksum.
+            out[47] = flags;
+            out
+        };
+        let flag_sets = [
+            tcp_flags::SYN,
+            tcp_flags::SYN | tcp_flags::ACK,
+            tcp_flags::ACK,
+            tcp_flags::ACK,
+            tcp_flags::FIN | tcp_flags::ACK,
+            tcp_flags::RST,
+        ];
+        let mut rng = FastRng::new(11);
+        let mut r = |n: u64| rng.next_u64() % n;
+        let (mut fast, mut general) = (worker(64), worker(64));
+        for w in [&mut fast, &mut general] {
+            w.ct = Conntrack::with_seed(64, Timeouts::default(), w.conns.clone(), 5);
+        }
+        general.general_only = true;
+        let mut now = NS;
+        let mut seen_tx = [0u32; 6];
+        for _ in 0..400 {
+            let t = &gens[r(3) as usize];
+            let n = 1 + r(64) as usize;
+            let pkts: Vec<Vec<u8>> = (0..n)
+                .map(|_| {
+                    let (c, sport) = (CLIENT + 1 + r(5) as u32, 1000 + r(6) as u16);
+                    let ttl = [64, 64, 64, 2, 1][r(5) as usize];
+                    let s = 1 + r(4) as u32;
+                    let reply = r(2) == 0;
+                    if s == 4 {
+                        let f = flag_sets[r(6) as usize];
+                        if reply {
+                            tcp(BACKEND + 4, 8080, c, sport, ttl, f)
+                        } else {
+                            tcp(c, sport, VIP + 4, 80, ttl, f)
+                        }
+                    } else if reply {
+                        udp_ttl(BACKEND + s, 5353, c, sport, ttl)
+                    } else {
+                        udp_ttl(c, sport, VIP + s, 53, ttl)
+                    }
+                })
+                .collect();
+            let a = run_at(&pkts, n, &mut fast, t, now);
+            let b = run_at(&pkts, n, &mut general, t, now);
+            assert_eq!(a, b);
+            for (v, _) in &a {
+                if let Verdict::Tx { ifindex } = v {
+                    seen_tx[*ifindex as usize] += 1;
+                }
+            }
+            // Mostly within the timeouts, sometimes past UDP's and TCP's closing ones.
+            now += [NS / 10, NS, 40 * NS, 200 * NS][r(4) as usize];
+        }
+        assert_eq!(format!("{:?}", fast.counters), format!("{:?}", general.counters));
+        assert_eq!(format!("{:?}", fast.ct.stats()), format!("{:?}", general.ct.stats()));
+        let flows = |w: &WorkerState| {
+            let mut v: Vec<String> = w.ct.iter().map(|f| format!("{f:?}")).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(flows(&fast), flows(&general));
+        // The mix did reach every case: both egress interfaces, the moved route, expiries,
+        // evictions, expiring TTLs, and the fast path itself.
+        assert!(seen_tx[2] > 0 && seen_tx[3] > 0 && seen_tx[5] > 0, "{seen_tx:?}");
+        let c = &fast.counters;
+        assert!(c.passes(PassReason::TtlExpired) > 0 && c.passes(PassReason::NoNextHop) > 0);
+        assert!(fast.ct.stats().expired > 0 && fast.ct.stats().evicted > 0);
+        assert!(c.nat_forward > 100 && c.nat_reply > 100, "{c:?}");
     }
 
     /// `udp` with a given TTL.
