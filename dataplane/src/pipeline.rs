@@ -696,23 +696,7 @@ fn known_flow(
     let fl = w.ct.account(idx, dir, flags, now, o.end - o.l3);
     let (to, deltas) = fl.nat(dir);
     let hop = fl.hop(dir);
-    match t.routes().hop(hop.wrapping_sub(1)) {
-        Some(hop) => {
-            wire::nat_apply(f.buf, o.l3, o.l4, o.proto, to.src, to.dst, to.sport, to.dport, deltas);
-            f.buf[0..6].copy_from_slice(&hop.dst_mac);
-            f.buf[6..12].copy_from_slice(&hop.src_mac);
-            Verdict::Tx { ifindex: hop.ifindex }
-        }
-        None => {
-            // No route to the translated destination: the kernel gets the translated packet
-            // (TTL untouched), as `forward` does.
-            let l4_len = o.end - o.l4;
-            wire::rewrite_tuple(
-                f.buf, o.l3, o.l4, o.proto, true, l4_len, to.src, to.dst, to.sport, to.dport,
-            );
-            Verdict::Pass(PassReason::NoNextHop)
-        }
-    }
+    translate(f, o, t, &to, deltas, hop)
 }
 
 /// A known flow first seen in this table generation (or whose next hops were never
