@@ -49,8 +49,10 @@
 //! - Timeouts follow Linux's `nf_conntrack` defaults and are configurable.
 //!
 //! The hash is seeded at random per table (foldhash: one folded 64x64->128-bit multiply of the
-//! packed tuple with secret seeds, the hash hashbrown uses), so a sender cannot aim collisions
-//! at one bucket to evict other flows without knowing the seeds.
+//! packed tuple with secret seeds, hashbrown's default), so a sender cannot compute colliding
+//! tuples to aim at one bucket without knowing the seeds. It is not a keyed cryptographic hash
+//! (SipHash costs several times more per packet); what a sender who finds collisions anyway
+//! can do is bounded: a full bucket pair evicts (counted), the table never grows.
 
 use crate::traffic::Traffic;
 use std::sync::Arc;

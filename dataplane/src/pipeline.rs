@@ -494,10 +494,10 @@ fn established(
     }
     let (idx, dir) = w.ct.confirm(l.slot, &l.key, now)?;
     let fl = w.ct.flow(idx);
-    // `HOP_UNRESOLVED` (0) wraps to `u32::MAX` and `HOP_NONE` to `u32::MAX - 1`: no such hop.
     if fl.generation != generation {
         return None;
     }
+    // `HOP_UNRESOLVED` (0) wraps to `u32::MAX` and `HOP_NONE` to `u32::MAX - 1`: no such hop.
     let hop = routes.hop(fl.hop(dir).wrapping_sub(1))?;
     let proto = l.key.proto;
     let flags = if proto == IPPROTO_TCP { b[ETH_HLEN + 20 + 13] } else { 0 };
