@@ -38,7 +38,7 @@ use crate::conntrack::{
 use crate::counters::{Counters, DropReason, PassReason};
 use crate::frag::FragTable;
 use crate::mem::prefetch;
-use crate::tables::{Frontend, FrontendKey, ServicePort, Tables};
+use crate::tables::{Frontend, FrontendKey, NextHop, ServicePort, Tables};
 use crate::wire::{
     self, csum_fold, csum_partial, csum_replace2, ip, rd16, rd32, tcp_flags, wr16, wr32, Offsets,
     Parsed, ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
@@ -504,8 +504,7 @@ fn established(
     let end = l.end as usize;
     let (to, deltas) = w.ct.account(idx, dir, flags, now, end - ETH_HLEN).nat(dir);
     wire::nat_apply(b, ETH_HLEN, ETH_HLEN + 20, proto, to.src, to.dst, to.sport, to.dport, deltas);
-    b[0..6].copy_from_slice(&hop.dst_mac);
-    b[6..12].copy_from_slice(&hop.src_mac);
+    set_macs(b, hop);
     // Ethernet padding is not part of the datagram.
     f.len = end;
     Some((hop.ifindex, dir))
@@ -739,8 +738,8 @@ fn refresh_flow(
         }
     }
     // Each direction is forwarded to the source of the other direction's tuple.
-    let hop = |dst: u32| t.routes().resolve(dst).map_or(HOP_NONE, |i| i + 1);
-    w.ct.flow_mut(idx).set_hops(t.generation(), [hop(fl.reply.src), hop(fl.orig.src)]);
+    let hops = [hop_index(t, fl.reply.src), hop_index(t, fl.orig.src)];
+    w.ct.flow_mut(idx).set_hops(t.generation(), hops);
     Ok(())
 }
 
@@ -878,7 +877,6 @@ fn new_flow(
             }
         }
     }
-    // The one call: inlined here.
     finish_new(f, o, t, w, now, key, h, reply, hr, svc, cand.id, flags, ahead.victim)
 }
 
@@ -937,8 +935,7 @@ fn translate(
     match t.routes().hop(hop.wrapping_sub(1)) {
         Some(hop) => {
             wire::nat_apply(f.buf, o.l3, o.l4, o.proto, to.src, to.dst, to.sport, to.dport, deltas);
-            f.buf[0..6].copy_from_slice(&hop.dst_mac);
-            f.buf[6..12].copy_from_slice(&hop.src_mac);
+            set_macs(f.buf, hop);
             Verdict::Tx { ifindex: hop.ifindex }
         }
         None => {
@@ -1082,9 +1079,15 @@ fn forward(f: &mut Frame<'_>, o: &Offsets, t: &Tables, dst: u32) -> Verdict {
         return Verdict::Pass(PassReason::NoNextHop);
     };
     ip::dec_ttl(f.buf, o.l3);
-    f.buf[0..6].copy_from_slice(&hop.dst_mac);
-    f.buf[6..12].copy_from_slice(&hop.src_mac);
+    set_macs(f.buf, hop);
     Verdict::Tx { ifindex: hop.ifindex }
+}
+
+/// Rewrites the frame's Ethernet addresses for next hop `hop`.
+#[inline(always)]
+fn set_macs(b: &mut [u8], hop: &NextHop) {
+    b[0..6].copy_from_slice(&hop.dst_mac);
+    b[6..12].copy_from_slice(&hop.src_mac);
 }
 
 fn swap_macs(b: &mut [u8]) {
