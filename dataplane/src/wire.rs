@@ -524,22 +524,34 @@ pub fn nat_apply(
     ip[8] -= 1;
     wr32(ip, 12, src);
     wr32(ip, 16, dst);
-    let c = csum_apply(rd16(ip, 10), u32::from(deltas[0]));
-    wr16(ip, 10, c);
+    let c: &mut [u8; 2] = (&mut ip[10..12]).try_into().unwrap();
+    *c = csum_apply_ne(*c, deltas[0]);
     let udp = proto == IPPROTO_UDP;
     let coff = if udp { 6 } else { 16 };
     let h = &mut b[l4..l4 + coff + 2];
     wr16(h, 0, sport);
     wr16(h, 2, dport);
-    let old = rd16(h, coff);
-    if udp && old == 0 {
+    let c: &mut [u8; 2] = (&mut h[coff..coff + 2]).try_into().unwrap();
+    if udp && *c == [0, 0] {
         return; // No checksum: stays absent.
     }
-    let mut c = csum_apply(old, u32::from(deltas[1]));
-    if udp && c == 0 {
-        c = 0xffff;
+    let mut new = csum_apply_ne(*c, deltas[1]);
+    if udp && new == [0, 0] {
+        new = [0xff, 0xff];
     }
-    wr16(h, coff, c);
+    *c = new;
+}
+
+/// [`csum_apply`] for a delta of at most 0xffff (a [`nat_deltas`] value), on a checksum's
+/// bytes as the packet holds them: the sum is taken on 16-bit words read in native byte
+/// order (RFC 1071 2(B): swapping the bytes of one's-complement addends swaps the bytes of
+/// their sum, bit for bit, 0 and 0xffff included), so only the delta's bytes are put in that
+/// order; two 16-bit addends need a single end-around carry.
+#[inline(always)]
+fn csum_apply_ne(check: [u8; 2], delta: u16) -> [u8; 2] {
+    let (s, carry) =
+        (!u16::from_ne_bytes(check)).overflowing_add(u16::from_ne_bytes(delta.to_be_bytes()));
+    (!(s + u16::from(carry))).to_ne_bytes()
 }
 
 /// Formats a host-order IPv4 address.
@@ -676,6 +688,18 @@ mod tests {
         }
         // Intact frames (a third of them) take the fast path.
         assert!(fast > 60_000, "{fast}");
+    }
+
+    #[test]
+    fn the_native_order_checksum_update_is_rfc_1624s() {
+        let mut rng = crate::balance::FastRng::new(3);
+        let checks = [0, 1, 0xfffe, 0xffff, 0x00ff, 0xff00].into_iter();
+        for check in checks.chain((0..58).map(|_| rng.next_u64() as u16)) {
+            for delta in 0..=0xffff_u16 {
+                let want = csum_apply(check, u32::from(delta)).to_be_bytes();
+                assert_eq!(csum_apply_ne(check.to_be_bytes(), delta), want, "{check} {delta}");
+            }
+        }
     }
 
     #[test]
