@@ -102,6 +102,14 @@ impl FlowKey {
             | (u128::from(self.dport) << 8)
             | u128::from(self.proto)
     }
+    /// `self == other`, compared as three words (the addresses, the ports, the protocol)
+    /// instead of five fields: what the packet path's [`Conntrack::confirm`] uses.
+    #[inline(always)]
+    fn same(&self, other: &Self) -> bool {
+        let addrs = |k: &Self| u64::from(k.src) | u64::from(k.dst) << 32;
+        let ports = |k: &Self| u32::from(k.sport) | u32::from(k.dport) << 16;
+        addrs(self) == addrs(other) && ports(self) == ports(other) && self.proto == other.proto
+    }
     /// The same flow seen from the other side.
     #[inline]
     pub fn reversed(&self) -> Self {
@@ -778,7 +786,7 @@ impl Conntrack {
         let f = &self.flows.get(idx as usize)?.0;
         let (held, dir) =
             if slot & REPLY_BIT == 0 { (&f.orig, Dir::Orig) } else { (&f.reply, Dir::Reply) };
-        (f.live && *held == *key && f.expires > now).then_some((idx, dir))
+        (f.live && held.same(key) && f.expires > now).then_some((idx, dir))
     }
 
     /// For a key of hash `h` about to be inserted when the slab is full: picks the victim the
@@ -1254,6 +1262,34 @@ mod tests {
     }
     fn table(cap: usize) -> Conntrack {
         Conntrack::new(cap, Timeouts::default(), Arc::new(ConnCounts::new(16)))
+    }
+
+    #[test]
+    fn the_packed_key_comparison_is_equality() {
+        let mut rng = crate::balance::FastRng::new(11);
+        for n in 0..50_000u32 {
+            let a = FlowKey {
+                src: rng.next_u64() as u32,
+                dst: rng.next_u64() as u32,
+                sport: rng.next_u64() as u16,
+                dport: rng.next_u64() as u16,
+                proto: rng.next_u64() as u8,
+            };
+            // The same key, or one field changed (by one bit, or to a random value).
+            let bit = 1u64 << (rng.next_u64() % 32);
+            let x = if n % 2 == 0 { bit } else { rng.next_u64() };
+            let mut b = a;
+            match n % 6 {
+                0 => b.src ^= x as u32,
+                1 => b.dst ^= x as u32,
+                2 => b.sport ^= x as u16,
+                3 => b.dport ^= x as u16,
+                4 => b.proto ^= x as u8,
+                _ => {}
+            }
+            assert_eq!(a.same(&b), a == b, "{a:?} {b:?}");
+            assert_eq!(b.same(&a), a == b);
+        }
     }
 
     #[test]
