@@ -546,13 +546,15 @@ fn process_one(f: &mut Frame<'_>, p: &Pre, t: &Tables, w: &mut WorkerState, now:
 /// Reads the tuple of a TCP/UDP datagram whose L4 header is present.
 #[inline(always)]
 fn tuple(b: &[u8], o: &Offsets) -> FlowKey {
-    // Two range checks: the addresses, the ports.
-    let (a, p) = (&b[o.l3 + 12..o.l3 + 20], &b[o.l4..o.l4 + 4]);
+    // Two range checks: the addresses, the ports; each pair read as one word (so the key's
+    // packing for the hash, `FlowKey::pack`, is these words again).
+    let addrs = u64::from_be_bytes(*b[o.l3 + 12..].first_chunk().expect("IPv4 header"));
+    let ports = u32::from_be_bytes(*b[o.l4..].first_chunk().expect("L4 header"));
     FlowKey {
-        src: u32::from_be_bytes([a[0], a[1], a[2], a[3]]),
-        dst: u32::from_be_bytes([a[4], a[5], a[6], a[7]]),
-        sport: u16::from_be_bytes([p[0], p[1]]),
-        dport: u16::from_be_bytes([p[2], p[3]]),
+        src: (addrs >> 32) as u32,
+        dst: addrs as u32,
+        sport: (ports >> 16) as u16,
+        dport: ports as u16,
         proto: o.proto,
     }
 }

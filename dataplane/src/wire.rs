@@ -539,15 +539,15 @@ pub fn nat_apply(
 ) {
     let ip = &mut b[l3..l3 + 20];
     ip[8] -= 1;
-    wr32(ip, 12, src);
-    wr32(ip, 16, dst);
+    // Each pair is written as one word (built from a flow's tuple, whose fields sit in the
+    // same order, they are one load each).
+    ip[12..20].copy_from_slice(&(u64::from(src) << 32 | u64::from(dst)).to_be_bytes());
     let c: &mut [u8; 2] = (&mut ip[10..12]).try_into().unwrap();
     *c = csum_apply_ne(*c, deltas[0]);
     let udp = proto == IPPROTO_UDP;
     let coff = if udp { 6 } else { 16 };
     let h = &mut b[l4..l4 + coff + 2];
-    wr16(h, 0, sport);
-    wr16(h, 2, dport);
+    h[..4].copy_from_slice(&(u32::from(sport) << 16 | u32::from(dport)).to_be_bytes());
     let c: &mut [u8; 2] = (&mut h[coff..coff + 2]).try_into().unwrap();
     if udp && *c == [0, 0] {
         return; // No checksum: stays absent.
