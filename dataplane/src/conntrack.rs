@@ -746,31 +746,33 @@ impl Conntrack {
     pub fn prefetch_flow(&self, h: u64) -> u32 {
         let tag = tag_of(h);
         let base = self.flows.as_ptr();
-        let mut hit = 0;
+        let fetch = |v: u32| {
+            let e = base.wrapping_add(slab_index(v) as usize);
+            prefetch(e);
+            prefetch(e.cast::<u8>().wrapping_add(64));
+        };
         for b in self.buckets(h) {
-            if hit != 0 {
-                break;
-            }
             let bk = self.bucket(b);
-            let mut m = bk.matching(tag);
-            while m != 0 {
-                let w = m.trailing_zeros() as usize;
-                m &= m - 1;
-                let v = bk.vals[w];
-                let e = base.wrapping_add(slab_index(v) as usize);
-                prefetch(e);
-                prefetch(e.cast::<u8>().wrapping_add(64));
-                if hit == 0 {
-                    hit = v;
+            let m = bk.matching(tag);
+            if m != 0 {
+                // The first match (occupied: a key's tag is never an empty way's 0), then
+                // any others (false matches, rare).
+                let hit = bk.vals[m.trailing_zeros() as usize];
+                fetch(hit);
+                let mut rest = m & (m - 1);
+                while rest != 0 {
+                    fetch(bk.vals[rest.trailing_zeros() as usize]);
+                    rest &= rest - 1;
                 }
+                return hit;
             }
         }
-        if hit == 0 && self.free.is_empty() {
+        if self.free.is_empty() {
             // The first lines, which hold what the victim choice compares; the chosen one's
             // second line follows in `prefetch_eviction`.
             self.sample_victims(h, |fi| prefetch(base.wrapping_add(fi as usize)));
         }
-        hit
+        0
     }
 
     /// The live, unexpired flow that index slot value `slot` (from [`Conntrack::prefetch_flow`],

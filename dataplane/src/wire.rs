@@ -543,7 +543,7 @@ pub fn nat_apply(
     // same order, they are one load each).
     ip[12..20].copy_from_slice(&(u64::from(src) << 32 | u64::from(dst)).to_be_bytes());
     let c: &mut [u8; 2] = (&mut ip[10..12]).try_into().unwrap();
-    *c = csum_apply_ne(*c, deltas[0]);
+    *c = csum_apply_ne(*c, deltas[0]).to_ne_bytes();
     let udp = proto == IPPROTO_UDP;
     let coff = if udp { 6 } else { 16 };
     let h = &mut b[l4..l4 + coff + 2];
@@ -553,22 +553,23 @@ pub fn nat_apply(
         return; // No checksum: stays absent.
     }
     let mut new = csum_apply_ne(*c, deltas[1]);
-    if udp && new == [0, 0] {
-        new = [0xff, 0xff];
+    if udp && new == 0 {
+        new = 0xffff;
     }
-    *c = new;
+    *c = new.to_ne_bytes();
 }
 
 /// [`csum_apply`] for a delta of at most 0xffff (a [`nat_deltas`] value), on a checksum's
 /// bytes as the packet holds them: the sum is taken on 16-bit words read in native byte
 /// order (RFC 1071 2(B): swapping the bytes of one's-complement addends swaps the bytes of
 /// their sum, bit for bit, 0 and 0xffff included), so only the delta's bytes are put in that
-/// order; two 16-bit addends need a single end-around carry.
+/// order; two 16-bit addends need a single end-around carry. Returns the new checksum in
+/// that order (`to_ne_bytes` gives its bytes; 0 and 0xffff read the same either way).
 #[inline(always)]
-fn csum_apply_ne(check: [u8; 2], delta: u16) -> [u8; 2] {
+fn csum_apply_ne(check: [u8; 2], delta: u16) -> u16 {
     let (s, carry) =
         (!u16::from_ne_bytes(check)).overflowing_add(u16::from_ne_bytes(delta.to_be_bytes()));
-    (!(s + u16::from(carry))).to_ne_bytes()
+    !(s + u16::from(carry))
 }
 
 /// Formats a host-order IPv4 address.
@@ -731,7 +732,8 @@ mod tests {
         for check in checks.chain((0..58).map(|_| rng.next_u64() as u16)) {
             for delta in 0..=0xffff_u16 {
                 let want = csum_apply(check, u32::from(delta)).to_be_bytes();
-                assert_eq!(csum_apply_ne(check.to_be_bytes(), delta), want, "{check} {delta}");
+                let got = csum_apply_ne(check.to_be_bytes(), delta).to_ne_bytes();
+                assert_eq!(got, want, "{check} {delta}");
             }
         }
     }
