@@ -96,11 +96,11 @@ pub struct FlowKey {
 impl FlowKey {
     #[inline(always)]
     fn pack(&self) -> u128 {
-        (u128::from(self.src) << 96)
-            | (u128::from(self.dst) << 64)
-            | (u128::from(self.sport) << 24)
-            | (u128::from(self.dport) << 8)
-            | u128::from(self.proto)
+        // The address pair and the port pair as words, as the packet holds them (so a key
+        // just read from a packet as words, `pipeline::tuple`, packs without shuffling).
+        let addrs = u64::from(self.src) << 32 | u64::from(self.dst);
+        let ports = u32::from(self.sport) << 16 | u32::from(self.dport);
+        u128::from(addrs) << 64 | u128::from(ports) << 8 | u128::from(self.proto)
     }
     /// `self == other`, compared as three words (the addresses, the ports, the protocol)
     /// instead of five fields: what the packet path's [`Conntrack::confirm`] uses.
