@@ -412,17 +412,19 @@ fn process_chunk(
         }
     }
     let (generation, routes) = (tables.generation(), tables.routes());
-    let (mut forward, mut reply) = (0u64, 0u64);
+    // Packets the fast path sent, and how many of them were replies.
+    let (mut fast_tx, mut reply) = (0u64, 0u64);
     let fast = if w.general_only { 0 } else { COMMON };
-    for (i, (f, v)) in frames.iter_mut().zip(verdicts.iter_mut()).enumerate() {
-        let l = &lanes[i];
-        let missed_here = missed & (1 << i) != 0;
+    let frames = frames.iter_mut().zip(verdicts.iter_mut()).zip(&lanes);
+    // `missed` shifted right by the frame's index.
+    let mut missed_rest = missed;
+    for (i, ((f, v), l)) in frames.enumerate() {
+        let missed_here = missed_rest & 1 != 0;
+        missed_rest >>= 1;
         if l.bits & fast != 0 && !missed_here {
             if let Some((ifindex, dir)) = established(f, l, w, generation, routes, now) {
-                match dir {
-                    Dir::Orig => forward += 1,
-                    Dir::Reply => reply += 1,
-                }
+                fast_tx += 1;
+                reply += dir as u64;
                 *v = Verdict::Tx { ifindex };
                 continue;
             }
@@ -443,8 +445,8 @@ fn process_chunk(
     }
     let c = &mut w.counters;
     c.rx += n as u64;
-    c.tx += forward + reply;
-    c.nat_forward += forward;
+    c.tx += fast_tx;
+    c.nat_forward += fast_tx - reply;
     c.nat_reply += reply;
 }
 
