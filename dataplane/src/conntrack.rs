@@ -788,10 +788,12 @@ impl Conntrack {
         }
         let n = self.flows.len();
         let base = self.flows.as_ptr();
-        for j in 0..(k + k / 4 + 2).min(n) {
-            let e = base.wrapping_add((self.hand + j) % n);
+        let mut i = self.hand;
+        for _ in 0..(k + k / 4 + 2).min(n) {
+            let e = base.wrapping_add(i);
             prefetch(e);
             prefetch(e.cast::<u8>().wrapping_add(64));
+            i = if i + 1 == n { 0 } else { i + 1 };
         }
     }
 
