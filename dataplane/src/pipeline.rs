@@ -413,10 +413,12 @@ fn process_chunk(
     // Packets the fast path sent, and how many of them were replies.
     let (mut fast_tx, mut reply) = (0u64, 0u64);
     let fast = if w.general_only { 0 } else { COMMON };
-    let frames = frames.iter_mut().zip(verdicts.iter_mut()).zip(&lanes);
+    let n = n.min(verdicts.len());
+    let (frames, verdicts, lanes) = (&mut frames[..n], &mut verdicts[..n], &lanes[..n]);
     // `missed` shifted right by the frame's index.
     let mut missed_rest = missed;
-    for (i, ((f, v), l)) in frames.enumerate() {
+    for i in 0..n {
+        let (f, v, l) = (&mut frames[i], &mut verdicts[i], &lanes[i]);
         let missed_here = missed_rest & 1 != 0;
         missed_rest >>= 1;
         if l.bits & fast != 0 && !missed_here {
@@ -502,11 +504,12 @@ fn established(
     let proto = l.key.proto;
     let flags = if proto == IPPROTO_TCP { b[ETH_HLEN + 20 + 13] } else { 0 };
     let end = l.end as usize;
+    // Ethernet padding is not part of the datagram. (Written now, as nothing below fails,
+    // so that `end` need not be kept.)
+    f.len = end;
     let (to, deltas) = w.ct.account(idx, dir, flags, now, end - ETH_HLEN).nat(dir);
     wire::nat_apply(b, ETH_HLEN, ETH_HLEN + 20, proto, to.src, to.dst, to.sport, to.dport, deltas);
     set_macs(b, hop);
-    // Ethernet padding is not part of the datagram.
-    f.len = end;
     Some((hop.ifindex, dir))
 }
 
