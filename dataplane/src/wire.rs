@@ -236,7 +236,8 @@ pub fn parse_common(frame: &[u8]) -> Option<Offsets> {
     let ok = match proto {
         IPPROTO_UDP => {
             let ulen = usize::from(u16::from_be_bytes([h[38], h[39]]));
-            avail >= 8 && ulen >= 8 && ulen <= avail
+            // (So `avail >= 8`: the UDP header is in the datagram.)
+            ulen >= 8 && ulen <= avail
         }
         IPPROTO_TCP => {
             // `avail >= 20` puts byte 46 inside the datagram, so inside the frame.
