@@ -215,17 +215,6 @@ pub fn process_batch(
     }
 }
 
-/// What the early passes learnt about a frame, as the general path of pass 3 takes it (built
-/// there from the frame's [`Lane`] and [`Miss`], only for frames the fast path does not take).
-#[derive(Clone, Copy)]
-struct Pre<'a> {
-    parsed: Parsed,
-    /// The frame's 5-tuple and its conntrack hash, for TCP and UDP with an L4 header.
-    key: Option<(FlowKey, u64)>,
-    /// What passes 2a-2c learnt, for a frame whose tuple matched no tag in pass 2.
-    miss: Option<&'a Miss>,
-}
-
 /// What pass 1 (and pass 2, `slot`) keeps of every frame: 40 bytes, so a chunk's 64 are
 /// 2.5 KB of stack, zeroed in one `memset`. The parse is kept compactly ([`Lane::parsed`] restores it).
 #[derive(Clone, Copy, Default)]
@@ -427,12 +416,9 @@ fn process_chunk(
                 continue;
             }
         }
-        let p = Pre {
-            parsed: l.parsed(),
-            key: (l.bits & KEYED != 0).then_some((l.key, l.h)),
-            miss: missed_here.then(|| written(&miss, missed, i)),
-        };
-        let verdict = process_one(f, &p, tables, w, now);
+        let m = missed_here.then(|| written(&miss, missed, i));
+        let keyed = (l.bits & KEYED != 0).then_some((l.key, l.h));
+        let verdict = process_one(f, l.parsed(), keyed, m, tables, w, now);
         match verdict {
             Verdict::Tx { .. } => w.counters.tx += 1,
             Verdict::Pass(r) => w.counters.passed(r),
@@ -510,10 +496,20 @@ fn established(
     Some((hop.ifindex, dir))
 }
 
-/// One frame, parsed in pass 1 (`f.len` is already clamped to the buffer).
+/// One frame, parsed in pass 1 (`f.len` is already clamped to the buffer): `keyed` is its
+/// 5-tuple and conntrack hash (TCP and UDP with an L4 header), `miss` what passes 2a-2c learnt
+/// of it when its tuple matched no tag in pass 2.
 #[inline]
-fn process_one(f: &mut Frame<'_>, p: &Pre, t: &Tables, w: &mut WorkerState, now: u64) -> Verdict {
-    let o = match p.parsed {
+fn process_one(
+    f: &mut Frame<'_>,
+    parsed: Parsed,
+    keyed: Option<(FlowKey, u64)>,
+    miss: Option<&Miss>,
+    t: &Tables,
+    w: &mut WorkerState,
+    now: u64,
+) -> Verdict {
+    let o = match parsed {
         Parsed::Ipv4(o) => o,
         Parsed::Arp => return Verdict::Pass(PassReason::Arp),
         Parsed::Ipv6 => return Verdict::Pass(PassReason::Ipv6),
@@ -528,8 +524,8 @@ fn process_one(f: &mut Frame<'_>, p: &Pre, t: &Tables, w: &mut WorkerState, now:
     if ip::ttl(f.buf, o.l3) <= 1 {
         return Verdict::Pass(PassReason::TtlExpired);
     }
-    match (o.proto, p.key) {
-        (IPPROTO_TCP | IPPROTO_UDP, Some((key, h))) => l4(f, &o, t, w, now, key, h, p.miss),
+    match (o.proto, keyed) {
+        (IPPROTO_TCP | IPPROTO_UDP, Some((key, h))) => l4(f, &o, t, w, now, key, h, miss),
         (IPPROTO_TCP | IPPROTO_UDP, None) => later_fragment(f, &o, t, w, now),
         (IPPROTO_ICMP, _) if !o.fragment => icmp(f, &o, t, w, now),
         _ => {
