@@ -599,7 +599,10 @@ fn l4(
         }
     }
     if let Some(fe) = fe {
-        let ahead = miss.map_or_else(Ahead::default, |m| m.ahead);
+        let ahead = match miss {
+            Some(m) => &m.ahead,
+            None => &Ahead::default(),
+        };
         return new_flow(f, o, t, w, now, key, h, fe, flags, ahead);
     }
     if t.is_vip(key.dst) {
@@ -721,7 +724,7 @@ fn refresh_flow(
                     t.frontend(&FrontendKey { ip: key.dst, port: key.dport, proto: key.proto })
                 {
                     w.counters.udp_rebalanced += 1;
-                    return Err(new_flow(f, o, t, w, now, key, h, *fe, flags, Ahead::default()));
+                    return Err(new_flow(f, o, t, w, now, key, h, *fe, flags, &Ahead::default()));
                 }
             }
             let reason =
@@ -814,7 +817,7 @@ fn new_flow(
     h: u64,
     fe: Frontend,
     flags: u8,
-    ahead: Ahead,
+    ahead: &Ahead,
 ) -> Verdict {
     if key.proto == IPPROTO_TCP && flags & tcp_flags::RST != 0 {
         return Verdict::Drop(DropReason::TcpNoFlow);
