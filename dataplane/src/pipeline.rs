@@ -297,8 +297,10 @@ impl Lane {
 /// What passes 2a-2c learnt about a frame whose tuple matched no tag in pass 2 (a new flow,
 /// most likely).
 #[derive(Clone, Copy)]
-struct Miss {
+struct Miss<'t> {
     fe: Option<Frontend>,
+    /// The service port `fe` leads to, looked up once (pass 2a) for passes 2b, 2c and 3.
+    svc: Option<&'t ServicePort>,
     ahead: Ahead,
 }
 
@@ -364,7 +366,7 @@ fn process_chunk(
     // Frames whose tuple matched no tag (a bit per frame), and what the next passes learn of
     // them: `miss[i]` is written for every frame in `missed`, and read only for those.
     let mut missed = 0u64;
-    let mut miss = [const { MaybeUninit::<Miss>::uninit() }; CHUNK];
+    let mut miss = [const { MaybeUninit::<Miss<'_>>::uninit() }; CHUNK];
     for (i, l) in lanes[..n].iter_mut().enumerate() {
         if l.bits & KEYED != 0 {
             l.slot = w.ct.prefetch_flow(l.h);
@@ -378,25 +380,26 @@ fn process_chunk(
     for i in bits(missed) {
         let key = &lanes[i].key;
         let fe = tables.frontend(&frontend_key(key)).copied();
-        if let Some(svc) = fe.and_then(|fe| tables.service_arc(fe.service)) {
+        let svc = fe.and_then(|fe| tables.service_arc(fe.service));
+        if let Some(svc) = svc {
             // What a new flow reads of it is its first line.
             prefetch(Arc::as_ptr(svc));
             new_flows = true;
         }
-        miss[i].write(Miss { fe, ahead: Ahead::default() });
+        miss[i].write(Miss { fe, svc: svc.map(|s| &**s), ahead: Ahead::default() });
     }
     if new_flows {
         for i in bits(missed) {
             let (l, m) = (&lanes[i], written(&miss, missed, i));
-            if let Some(svc) = m.fe.and_then(|fe| tables.service(fe.service)) {
+            if let Some(svc) = m.svc {
                 svc.scheduler().prefetch(svc.candidates(), &pick_key(&l.key, l.h));
             }
         }
         for i in bits(missed) {
-            let (l, fe) = (&lanes[i], written(&miss, missed, i).fe);
-            if let Some(fe) = fe {
-                let ahead = pick_ahead(tables, w, &l.key, l.h, &fe, now);
-                miss[i].write(Miss { fe: Some(fe), ahead });
+            let (l, m) = (&lanes[i], *written(&miss, missed, i));
+            if let Some(fe) = m.fe {
+                let ahead = pick_ahead(tables, w, &l.key, l.h, &fe, m.svc, now);
+                miss[i].write(Miss { ahead, ..m });
             }
         }
     }
@@ -437,7 +440,11 @@ fn process_chunk(
 /// `miss[i]`, for a frame `i` in `missed`: `process_chunk` writes `miss[i]` for every such
 /// frame before it reads any.
 #[inline(always)]
-fn written(miss: &[MaybeUninit<Miss>; CHUNK], missed: u64, i: usize) -> &Miss {
+fn written<'a, 't>(
+    miss: &'a [MaybeUninit<Miss<'t>>; CHUNK],
+    missed: u64,
+    i: usize,
+) -> &'a Miss<'t> {
     assert!(missed & (1 << i) != 0);
     // SAFETY: `i` is in `missed` (checked above), and `process_chunk` writes `miss[i]` for
     // every frame in `missed` in pass 2a, before any call.
@@ -599,11 +606,11 @@ fn l4(
         }
     }
     if let Some(fe) = fe {
-        let ahead = match miss {
-            Some(m) => &m.ahead,
-            None => &Ahead::default(),
+        let (svc, ahead) = match miss {
+            Some(m) => (m.svc, &m.ahead),
+            None => (t.service(fe.service), &Ahead::default()),
         };
-        return new_flow(f, o, t, w, now, key, h, fe, flags, ahead);
+        return new_flow(f, o, t, w, now, key, h, fe, svc, flags, ahead);
     }
     if t.is_vip(key.dst) {
         return Verdict::Drop(DropReason::VipNoPort);
@@ -724,7 +731,20 @@ fn refresh_flow(
                     t.frontend(&FrontendKey { ip: key.dst, port: key.dport, proto: key.proto })
                 {
                     w.counters.udp_rebalanced += 1;
-                    return Err(new_flow(f, o, t, w, now, key, h, *fe, flags, &Ahead::default()));
+                    let svc = t.service(fe.service);
+                    return Err(new_flow(
+                        f,
+                        o,
+                        t,
+                        w,
+                        now,
+                        key,
+                        h,
+                        *fe,
+                        svc,
+                        flags,
+                        &Ahead::default(),
+                    ));
                 }
             }
             let reason =
@@ -747,25 +767,32 @@ fn refresh_flow(
 /// backend's connection count; in any case starts loading what evicting a flow for it writes.
 /// A frame another worker owns gets nothing (it is handed over in pass 3).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn pick_ahead(
     t: &Tables,
     w: &WorkerState,
     key: &FlowKey,
     h: u64,
     fe: &Frontend,
+    svc: Option<&ServicePort>,
     now: u64,
 ) -> Ahead {
     if w.workers > 1 && !w.local_only && owner_of(t, key.src, key.sport, w.workers) != w.worker_id {
         return Ahead::default();
     }
     let victim = w.ct.prefetch_eviction(h, now);
-    Ahead { pick: pick_now(t, w, key, h, fe), victim }
+    Ahead { pick: svc.and_then(|svc| pick_now(svc, w, key, h, fe)), victim }
 }
 
 /// [`pick_ahead`]'s pick, with its prefetches.
 #[inline(always)]
-fn pick_now(t: &Tables, w: &WorkerState, key: &FlowKey, h: u64, fe: &Frontend) -> Option<Pick> {
-    let svc = t.service(fe.service)?;
+fn pick_now(
+    svc: &ServicePort,
+    w: &WorkerState,
+    key: &FlowKey,
+    h: u64,
+    fe: &Frontend,
+) -> Option<Pick> {
     if svc.affinity_timeout_s().is_some() || !svc.scheduler().pick_is_pure() {
         return None;
     }
@@ -802,9 +829,9 @@ fn direct_reply(key: &FlowKey, cand: &Candidate) -> FlowKey {
     FlowKey { src: cand.ip, dst: key.src, sport: cand.port, dport: key.sport, proto: key.proto }
 }
 
-/// A flow's first packet to frontend `fe`: affinity or the scheduler picks a backend (unless
-/// `ahead` already did, [`pick_ahead`], for this very key), then policy, source NAT and the
-/// conntrack entry.
+/// A flow's first packet to frontend `fe`, whose service port is `svc` (`None`: removed):
+/// affinity or the scheduler picks a backend (unless `ahead` already did, [`pick_ahead`], for
+/// this very key), then policy, source NAT and the conntrack entry.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn new_flow(
@@ -816,13 +843,14 @@ fn new_flow(
     key: FlowKey,
     h: u64,
     fe: Frontend,
+    svc: Option<&ServicePort>,
     flags: u8,
     ahead: &Ahead,
 ) -> Verdict {
     if key.proto == IPPROTO_TCP && flags & tcp_flags::RST != 0 {
         return Verdict::Drop(DropReason::TcpNoFlow);
     }
-    let Some(svc) = t.service(fe.service) else {
+    let Some(svc) = svc else {
         return Verdict::Drop(DropReason::ServiceRemoved);
     };
     let picked = match ahead.pick {
