@@ -961,7 +961,16 @@ fn translate(
 ) -> Verdict {
     match t.routes().hop(hop.wrapping_sub(1)) {
         Some(hop) => {
-            wire::nat_apply(f.buf, o.l3, o.l4, o.proto, to.src, to.dst, to.sport, to.dport, deltas);
+            let (src, dst, sport, dport) = (to.src, to.dst, to.sport, to.dport);
+            match f.buf.first_chunk_mut::<54>() {
+                // Ethernet II and IPv4 without options, as most frames are: constant offsets
+                // in 54 bytes of room, no further bounds checks.
+                Some(b) if o.l3 == ETH_HLEN && o.l4 == ETH_HLEN + 20 => {
+                    let l4 = ETH_HLEN + 20;
+                    wire::nat_apply(b, ETH_HLEN, l4, o.proto, src, dst, sport, dport, deltas);
+                }
+                _ => wire::nat_apply(f.buf, o.l3, o.l4, o.proto, src, dst, sport, dport, deltas),
+            }
             set_macs(f.buf, hop);
             Verdict::Tx { ifindex: hop.ifindex }
         }
