@@ -396,10 +396,12 @@ fn process_chunk(
             }
         }
         for i in bits(missed) {
-            let (l, m) = (&lanes[i], *written(&miss, missed, i));
+            let (l, m) = (&lanes[i], written(&miss, missed, i));
             if let Some(fe) = m.fe {
                 let ahead = pick_ahead(tables, w, &l.key, l.h, &fe, m.svc, now);
-                miss[i].write(Miss { ahead, ..m });
+                // SAFETY: `i` is in `missed`, every frame of which pass 2a wrote (`written`
+                // read it just above).
+                unsafe { miss[i].assume_init_mut() }.ahead = ahead;
             }
         }
     }
