@@ -6,7 +6,7 @@
 //!     target/release/examples/pipeline_profile established 10000 65536 2000
 //! ```
 //!
-//! Arguments: scenario (`established` or `new_flow`), services, conntrack flows, batches, and
+//! Arguments: scenario (`established`, `new_flow`, or `copy`: the frame copy alone), services, conntrack flows, batches, and
 //! optionally the number of distinct template frames cycled through (default 32,768, as the
 //! criterion benchmark: with 1M flows that touches about 8 MB of conntrack, which a large L3
 //! holds; pass the flow count to touch the whole table). The set-up is the criterion benchmark's (`benches/pipeline.rs`), with a smaller table by default
@@ -51,6 +51,11 @@ fn main() {
             "new_flow" => {
                 let port = 2048 + ((b * BATCH) / templates) as u16;
                 batch.run_with_sport(&news[j..j + BATCH], Some(port), &t, &mut w, 2)
+            }
+            // The benchmark's own frame copy alone (what `established` costs besides the pipeline).
+            "copy" => {
+                tx += batch.copy_only(&est[j..j + BATCH], None);
+                continue;
             }
             _ => batch.run(&est[j..j + BATCH], &t, &mut w, 1),
         };

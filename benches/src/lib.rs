@@ -185,6 +185,32 @@ impl Batch {
         w: &mut WorkerState,
         now: u64,
     ) -> &[Verdict] {
+        let n = self.with_frames(templates, sport, |frames, verdicts| {
+            dataplane::process_batch(frames, verdicts, tables, w, now)
+        });
+        &self.verdicts[..n]
+    }
+
+    /// What [`Batch::run_with_sport`] does besides processing: copies the templates in and
+    /// builds the frame descriptors, then hands them to `std::hint::black_box` instead of the
+    /// pipeline. The benchmark's own cost, measured alone so it can be told apart.
+    pub fn copy_only(&mut self, templates: &[Vec<u8>], sport: Option<u16>) -> usize {
+        self.with_frames(
+            templates,
+            |_| sport,
+            |frames, verdicts| {
+                std::hint::black_box((frames, verdicts));
+            },
+        )
+    }
+
+    #[inline(always)]
+    fn with_frames(
+        &mut self,
+        templates: &[Vec<u8>],
+        sport: impl Fn(usize) -> Option<u16>,
+        run: impl FnOnce(&mut [Frame<'_>], &mut [Verdict]),
+    ) -> usize {
         let n = templates.len().min(BATCH);
         for (k, t) in templates.iter().take(n).enumerate() {
             let buf = &mut self.mem[k * FRAME_ROOM..k * FRAME_ROOM + t.len()];
@@ -201,7 +227,7 @@ impl Batch {
             len: lens[k],
             ifindex: IF_CLIENTS,
         });
-        dataplane::process_batch(&mut frames[..n], &mut self.verdicts[..n], tables, w, now);
-        &self.verdicts[..n]
+        run(&mut frames[..n], &mut self.verdicts[..n]);
+        n
     }
 }

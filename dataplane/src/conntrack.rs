@@ -29,20 +29,26 @@
 //!   first moved to its other candidate bucket if that has room (one cuckoo step), so the table
 //!   holds its full capacity without evicting; only if none can move is the oldest flow there
 //!   evicted.
-//! - When the slab is full, the victim is the oldest of a few flows sampled from the new key's
-//!   own two buckets (lines the lookup has just read, whose records the batch pipeline
-//!   prefetches), an expired one first; a slab clock scan is the fallback for empty buckets.
-//!   Eviction is counted; the table never grows and never refuses a new flow, so memory is
-//!   bounded whatever the traffic.
+//! - When the slab is full, the victim is chosen by a clock over the slab (second chance, as
+//!   page replacement does it): a hand moves over the entries in order and takes the first
+//!   flow that has expired or has had no packet since its first one or since the hand last
+//!   passed it; a flow with such a packet loses its mark and is passed over (at most
+//!   [`CLOCK_SCAN`] per insert, then the next flow goes whatever its mark, so the cost stays
+//!   bounded). A flow that keeps sending at least once per turn of the hand therefore survives
+//!   any flood of new flows, and one-packet flows (scans, spoofed floods) evict each other
+//!   first. (Sampling a few flows near the new key instead evicts an active flow with a
+//!   probability that grows with the active share of the table, and reads several random
+//!   records per insert.) The clock reads consecutive records, which the batch pipeline
+//!   prefetches before it needs them. Eviction is counted; the table never grows and never
+//!   refuses a new flow, so memory is bounded whatever the traffic.
 //! - The index and the slab are allocated on transparent huge pages ([`crate::mem`]): at a
 //!   million flows they span about 150 MB, and on 4 KiB pages every random access would also
 //!   miss the TLB.
 //! - [`Conntrack::prefetch_buckets`] and [`Conntrack::prefetch_flow`] let the batch pipeline
 //!   start the cache misses of a whole batch before it processes any packet;
-//!   [`Conntrack::prefetch_eviction`] chooses a new key's victim ahead and starts loading what
-//!   evicting it writes. The insert uses that choice only if it provably still holds (a change
-//!   counter per bucket, and the victim's age; see [`VictimHint`]), so the result is the
-//!   insert's own choice either way.
+//!   [`Conntrack::prefetch_clock`] and [`Conntrack::prefetch_evictions`] do the same for
+//!   the flows the batch's new flows will evict: their records, then what removing them
+//!   writes.
 //! - Expiry is lazy (a lookup that finds an expired flow removes it) plus an incremental sweep
 //!   ([`Conntrack::gc`]) that the I/O loop runs with a small budget, so connection counts used by
 //!   the least-connection schedulers drop back when flows end.
@@ -69,10 +75,9 @@ use crate::wire::{nat_deltas_both, tcp_flags, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Slots per bucket (ten 4-byte values and ten 2-byte tags fill one 64-byte line).
 pub const WAYS: usize = 10;
-/// Flows sampled per bucket (of the new key's two) when the slab is full and a victim is needed.
-const VICTIM_SAMPLE: u32 = 2;
-/// Slab entries examined when the sampled buckets hold no flow.
-const SLAB_SCAN: usize = 16;
+/// Most slab entries the eviction hand passes over (clearing their second-chance marks) to
+/// find a victim; the next one is taken whatever its mark.
+const CLOCK_SCAN: usize = 32;
 const REPLY_BIT: u32 = 1 << 31;
 /// Largest capacity: slot positions (`bucket << 4 | way`) must fit in 32 bits.
 const MAX_CAPACITY: usize = 1 << 27;
@@ -265,6 +270,9 @@ pub struct Flow {
     pub state: State,
     fins: u8,
     live: bool,
+    /// A packet was seen since the flow's first one, or since the eviction hand last passed
+    /// it (the second-chance mark of [`Conntrack`]'s clock eviction).
+    recent: bool,
     /// Tuple as the client sends it.
     pub orig: FlowKey,
     /// Tuple as the backend sends back.
@@ -300,6 +308,7 @@ impl Flow {
         state: State::Unreplied,
         fins: 0,
         live: false,
+        recent: false,
         nat: [[0; 2]; 2],
         hops: [HOP_UNRESOLVED; 2],
         bytes_orig: 0,
@@ -353,6 +362,7 @@ impl Flow {
     #[inline(always)]
     fn on_packet_ns(&mut self, dir: Dir, flags: u8, now: u64, t: &TimeoutsNs) {
         self.last_seen = now;
+        self.recent = true;
         match dir {
             Dir::Orig => self.packets_orig += 1,
             Dir::Reply => self.packets_reply += 1,
@@ -431,26 +441,9 @@ pub struct CtStats {
 struct Bucket {
     /// `slab index + 1` (0 = empty), with [`REPLY_BIT`] for a reply-direction key.
     vals: [u32; WAYS],
-    /// Tag of each slot's key, 0 when empty (a key's tag is never 0). Two more entries pad the
-    /// bucket to 64 bytes: the first ([`VERSION`]) counts the bucket's changes (wrapping), so a
-    /// victim chosen ahead ([`VictimHint`]) can be checked still to be the choice; tag
-    /// comparisons ignore both.
+    /// Tag of each slot's key, 0 when empty (a key's tag is never 0). Two more entries, always
+    /// 0, pad the bucket to 64 bytes; tag comparisons ignore them.
     tags: [u16; 12],
-}
-
-/// Index in [`Bucket::tags`] of the bucket's change counter.
-const VERSION: usize = WAYS;
-
-/// An eviction victim chosen ahead of the insert ([`Conntrack::prefetch_eviction`]), with what
-/// the choice depended on. It is still the choice while both buckets of the new key are
-/// unchanged (so the same flows are sampled) and the victim's age is unchanged: within one
-/// `now`, ages only grow (a packet makes a flow younger, nothing makes one older), so the other
-/// sampled flows cannot have become older than it.
-#[derive(Clone, Copy, Debug)]
-pub struct VictimHint {
-    victim: u32,
-    age: u64,
-    versions: [u16; 2],
 }
 
 // SAFETY: all fields are integers; all-zero is an empty bucket.
@@ -757,11 +750,6 @@ impl Conntrack {
                 }
             }
         }
-        if hit == 0 && self.free.is_empty() {
-            // The first lines, which hold what the victim choice compares; the chosen one's
-            // second line follows in `prefetch_eviction`.
-            self.sample_victims(h, |fi| prefetch(base.wrapping_add(fi as usize)));
-        }
         hit
     }
 
@@ -781,38 +769,75 @@ impl Conntrack {
         (f.live && *held == *key && f.expires > now).then_some((idx, dir))
     }
 
-    /// For a key of hash `h` about to be inserted when the slab is full: picks the victim the
-    /// insert would evict (reading the first lines [`Conntrack::prefetch_flow`] loaded) and
-    /// starts loading what evicting it writes: the rest of its record (rewritten whole for the
-    /// new flow), the index lines of its two keys (one is usually elsewhere in the table), its
-    /// backend's retired-traffic counters and connection count. A third pass over a batch.
-    /// Returns the choice for [`Conntrack::insert_hashed`], which checks that it still holds
-    /// (earlier inserts of the same batch may change it) before using it.
+    /// How many of the next `inserts` inserts evict (the free list serves the others).
     #[inline(always)]
-    pub fn prefetch_eviction(&self, h: u64, now: u64) -> Option<VictimHint> {
-        if !self.free.is_empty() {
-            return None;
-        }
-        let fi = self.victim_near(h, now)?;
-        let hint = VictimHint { victim: fi, age: self.age(fi, now), versions: self.versions(h) };
-        let e = &self.flows[fi as usize];
-        prefetch((e as *const Entry).cast::<u8>().wrapping_add(64));
-        let f = &e.0;
-        let base = self.index.as_ptr();
-        for s in f.slots {
-            prefetch(base.wrapping_add((s >> 4) as usize));
-        }
-        if f.backend != 0 {
-            self.retired.prefetch(f.backend);
-            self.conns.prefetch(f.backend);
-        }
-        Some(hint)
+    fn evictions(&self, inserts: usize) -> usize {
+        inserts.saturating_sub(self.free.len())
     }
 
-    /// The change counters of the two buckets of hash `h`.
+    /// Starts loading the slab entries the evictions of the next `inserts` inserts examine:
+    /// those from the clock hand on (a few more than needed, for flows the hand passes over),
+    /// both lines of each, since the new flow rewrites the whole record. Consecutive entries,
+    /// so the loads overlap. The first step for a batch's new flows, once they are known
+    /// ([`Conntrack::prefetch_flow`] returned 0).
     #[inline(always)]
-    fn versions(&self, h: u64) -> [u16; 2] {
-        self.buckets(h).map(|b| self.index[b].tags[VERSION])
+    pub fn prefetch_clock(&self, inserts: usize) {
+        let k = self.evictions(inserts);
+        if k == 0 {
+            return;
+        }
+        let n = self.flows.len();
+        let base = self.flows.as_ptr();
+        let mut i = self.hand;
+        for _ in 0..(k + k / 4 + 2).min(n) {
+            let e = base.wrapping_add(i);
+            prefetch(e);
+            prefetch(e.cast::<u8>().wrapping_add(64));
+            i = if i + 1 == n { 0 } else { i + 1 };
+        }
+    }
+
+    /// The second step, once [`Conntrack::prefetch_clock`]'s lines have had time to arrive:
+    /// for each flow the next `inserts` inserts will evict (as [`Conntrack::clock_victim`]
+    /// would choose them now; packets in between may change that, which only costs a miss),
+    /// starts loading what removing it writes: the index lines of its two keys, its backend's
+    /// retired-traffic counters and connection count.
+    #[inline(always)]
+    pub fn prefetch_evictions(&self, inserts: usize, now: u64) {
+        let base = self.index.as_ptr();
+        self.next_victims(inserts, now, |f| {
+            for s in f.slots {
+                prefetch(base.wrapping_add((s >> 4) as usize));
+            }
+            if f.backend != 0 {
+                self.retired.prefetch(f.backend);
+                self.conns.prefetch(f.backend);
+            }
+        });
+    }
+
+    /// Calls `f` with each flow the next `inserts` inserts would evict, in order, if nothing
+    /// changed in between: [`Conntrack::clock_victim`]'s walk, without clearing marks, reading
+    /// at most one scan's worth of passed-over entries in all.
+    #[inline(always)]
+    fn next_victims(&self, inserts: usize, now: u64, mut f: impl FnMut(&Flow)) {
+        let mut k = self.evictions(inserts);
+        let n = self.flows.len();
+        let mut i = self.hand;
+        let mut budget = k + CLOCK_SCAN;
+        let mut passed = 0;
+        while k > 0 && budget > 0 {
+            budget -= 1;
+            let fl = &self.flows[i].0;
+            i = if i + 1 == n { 0 } else { i + 1 };
+            if fl.recent && fl.expires > now && passed < CLOCK_SCAN {
+                passed += 1;
+                continue;
+            }
+            passed = 0;
+            k -= 1;
+            f(fl);
+        }
     }
 
     /// Finds a live flow by either of its keys. An expired flow found here is removed.
@@ -920,39 +945,16 @@ impl Conntrack {
     /// [`Conntrack::insert`] with the hashes of the flow's orig and reply keys already computed.
     pub fn insert_hashed(
         &mut self,
-        flow: Flow,
-        h_orig: u64,
-        h_reply: u64,
-        flags: u8,
-        now: u64,
-    ) -> u32 {
-        self.insert_hinted(flow, h_orig, h_reply, flags, now, None)
-    }
-
-    /// [`Conntrack::insert_hashed`] with the victim [`Conntrack::prefetch_eviction`] chose for
-    /// this key at this `now`, used if it still holds (else chosen again).
-    pub fn insert_hinted(
-        &mut self,
         mut flow: Flow,
         h_orig: u64,
         h_reply: u64,
         flags: u8,
         now: u64,
-        hint: Option<VictimHint>,
     ) -> u32 {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
-                let v = match hint {
-                    Some(hn)
-                        if hn.versions == self.versions(h_orig)
-                            && self.age(hn.victim, now) == hn.age =>
-                    {
-                        debug_assert_eq!(Some(hn.victim), self.victim_near(h_orig, now));
-                        hn.victim
-                    }
-                    _ => self.victim_near(h_orig, now).unwrap_or_else(|| self.slab_victim(now)),
-                };
+                let v = self.clock_victim(now);
                 self.evict(v, now);
                 self.free.pop().expect("evicting a flow frees its slab entry")
             }
@@ -962,6 +964,9 @@ impl Conntrack {
         flow.packets_orig = 0;
         flow.packets_reply = 0;
         flow.on_packet_ns(Dir::Orig, flags, now, &self.timeouts_ns);
+        // A flow earns its second chance with a later packet, not its first: a flood of
+        // one-packet flows then evicts its own kind before any flow in use.
+        flow.recent = false;
         self.flows[idx as usize].0 = flow;
         self.place(h_orig, idx + 1, now);
         self.place(h_reply, (idx + 1) | REPLY_BIT, now);
@@ -1000,7 +1005,6 @@ impl Conntrack {
         let bk = self.bucket_mut(b);
         bk.vals[w] = val;
         bk.tags[w] = tag;
-        bk.tags[VERSION] = bk.tags[VERSION].wrapping_add(1);
         let d = usize::from(val & REPLY_BIT != 0);
         self.flows[slab_index(val) as usize].0.slots[d] = slot_pos(b, w);
     }
@@ -1034,7 +1038,6 @@ impl Conntrack {
                     let bk = &mut self.index[b];
                     bk.vals[w] = 0;
                     bk.tags[w] = 0;
-                    bk.tags[VERSION] = bk.tags[VERSION].wrapping_add(1);
                     self.put(alt, free, v, tag);
                     return b;
                 }
@@ -1074,62 +1077,28 @@ impl Conntrack {
         }
     }
 
-    /// Calls `f` with the slab index of each eviction candidate for a new key of hash `h`: per
-    /// bucket, [`VICTIM_SAMPLE`] flows, each the first found from a way spread evenly from a
-    /// start the hash picks. (Ways fill lowest first, so neighbouring ways tend to be of an age.)
-    #[inline(always)]
-    fn sample_victims(&self, h: u64, mut f: impl FnMut(u32)) {
-        // Starts in 0..WAYS from two hash bytes (multiply-shift rather than a division).
-        let starts = [(h >> 56) as u32, (h >> 24) as u32 & 0xff].map(|x| (x * WAYS as u32) >> 8);
-        for (b, start) in self.buckets(h).into_iter().zip(starts) {
-            let bk = &self.index[b];
-            let occ = bk.occupied();
-            if occ == 0 {
-                continue;
-            }
-            let mut from = start;
-            for _ in 0..VICTIM_SAMPLE {
-                // The first occupied way at or after `from`, wrapping round.
-                let after = occ & (ALL_WAYS << from);
-                let w = if after != 0 { after } else { occ }.trailing_zeros() as usize;
-                f(slab_index(bk.vals[w]));
-                from += WAYS as u32 / VICTIM_SAMPLE;
-                if from >= WAYS as u32 {
-                    from -= WAYS as u32;
-                }
-            }
-        }
-    }
-
-    /// The slab is full: the oldest of the flows sampled from the new key's buckets.
-    fn victim_near(&self, h: u64, now: u64) -> Option<u32> {
-        let mut best: Option<(u64, u32)> = None;
-        self.sample_victims(h, |fi| {
-            let age = self.age(fi, now);
-            if best.is_none_or(|(a, _)| age < a) {
-                best = Some((age, fi));
-            }
-        });
-        best.map(|b| b.1)
-    }
-
-    #[cold]
-    fn slab_victim(&mut self, now: u64) -> u32 {
+    /// The slab is full: the flow the next insert evicts, by the clock (second chance). The
+    /// hand moves over the slab in order; an expired flow, or one with no packet since its
+    /// first or since the hand last passed it, is the victim; a recently active one loses its
+    /// mark and is passed over, at most [`CLOCK_SCAN`] of them, after which the next flow is
+    /// taken whatever its mark (so an insert's cost is bounded even when every flow is
+    /// active).
+    #[inline]
+    fn clock_victim(&mut self, now: u64) -> u32 {
         let n = self.flows.len();
-        let mut best: Option<(u64, u32)> = None;
-        for _ in 0..SLAB_SCAN.min(n) {
+        let mut passed = 0;
+        loop {
             let i = self.hand;
-            self.hand = (self.hand + 1) % n;
-            if !self.flows[i].0.live {
+            self.hand = if i + 1 == n { 0 } else { i + 1 };
+            let f = &mut self.flows[i].0;
+            debug_assert!(f.live, "the slab is full");
+            if f.recent && f.expires > now && passed < CLOCK_SCAN {
+                f.recent = false;
+                passed += 1;
                 continue;
             }
-            let age = self.age(i as u32, now);
-            if best.is_none_or(|(a, _)| age < a) {
-                best = Some((age, i as u32));
-            }
+            return i as u32;
         }
-        // The slab is full, so every entry is live and the scan found one.
-        best.map_or(0, |b| b.1)
     }
 
     fn evict(&mut self, idx: u32, now: u64) {
@@ -1166,7 +1135,6 @@ impl Conntrack {
             // Blind stores: the line is often not in cache, and a store miss does not stall.
             bk.vals[w] = 0;
             bk.tags[w] = 0;
-            bk.tags[VERSION] = bk.tags[VERSION].wrapping_add(1);
         }
         if backend != 0 {
             self.conns.dec(backend);
@@ -1216,7 +1184,7 @@ impl Conntrack {
         let mut keys = 0;
         for b in 0..self.index.len() {
             let bk = &self.index[b];
-            assert_eq!(bk.tags[VERSION + 1], 0, "the last tag is padding");
+            assert_eq!(bk.tags[WAYS..], [0, 0], "the last tags are padding");
             for w in 0..WAYS {
                 let v = bk.vals[w];
                 if v == 0 {
@@ -1335,8 +1303,10 @@ mod tests {
         assert_eq!(ct.stats().evicted, 1);
         assert_eq!(ct.conns().active(3), 16);
         assert!(ct.lookup(&key(100), 21 * S).is_some());
-        // Some older flow is gone; the newest ones stayed.
-        assert!(ct.lookup(&key(15), 21 * S).is_some());
+        // None had a second packet: the first inserted went, the others stayed.
+        assert!(ct.lookup(&key(0), 21 * S).is_none());
+        assert!((1..16).all(|n| ct.lookup(&key(n), 21 * S).is_some()));
+        ct.check();
     }
 
     #[test]
@@ -1431,61 +1401,109 @@ mod tests {
     }
 
     #[test]
-    fn a_full_slab_evicts_an_old_flow_near_the_new_key() {
+    fn a_flood_of_new_flows_does_not_evict_flows_in_use() {
         let mut ct = table(1024);
         for n in 0..1024u32 {
-            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, u64::from(n));
+            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, 0);
         }
-        // Refresh the second half: only the first half is old.
-        for n in 512..1024u32 {
-            let (i, d) = ct.lookup(&key(n), S).unwrap();
-            ct.on_packet(i, d, tcp_flags::ACK, S);
-        }
-        for n in 0..100u32 {
-            ct.insert(Flow::new(key(5000 + n), reply(5000 + n), 1, 3, 0), 0, 2 * S);
+        // 100 flows in use, each with a packet every 50 new flows, through a flood of ten
+        // tables' worth of one-packet flows.
+        let active: Vec<u32> = (0..100u32).map(|n| n * 10).collect();
+        for m in 0..10_240u32 {
+            let now = S + u64::from(m);
+            if m % 50 == 0 {
+                for &n in &active {
+                    let (i, d) = ct.lookup(&key(n), now).expect("a flow in use stays");
+                    ct.on_packet(i, d, tcp_flags::ACK, now);
+                }
+            }
+            ct.insert(Flow::new(key(5000 + m), reply(5000 + m), 1, 3, 0), 0, now);
         }
         assert_eq!(ct.len(), 1024);
-        assert_eq!(ct.stats().evicted, 100);
-        // A victim is the oldest of its sample: a refreshed flow goes only when every sampled
-        // flow was refreshed (about one eviction in 16 at first, with four flows sampled).
-        let refreshed_gone = (512..1024u32).filter(|&n| ct.lookup(&key(n), 2 * S).is_none());
-        assert!(refreshed_gone.count() < 15);
+        assert_eq!(ct.stats().evicted, 10_240);
+        let now = S + 10_240;
+        assert!(active.iter().all(|&n| ct.lookup(&key(n), now).is_some()));
         ct.check();
     }
 
     #[test]
-    fn a_victim_chosen_ahead_is_used_only_while_it_holds() {
-        let mut ct = table(256);
-        for n in 0..256u32 {
-            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, u64::from(n) * S);
+    fn expired_flows_go_before_active_ones() {
+        let mut ct = table(64);
+        let udp = |n: u32| FlowKey { proto: IPPROTO_UDP, ..key(n) };
+        let udp_reply = |n: u32| FlowKey { proto: IPPROTO_UDP, ..reply(n) };
+        // Even: established TCP (days); odd: UDP (30 s unreplied). All with a second packet.
+        for n in 0..64u32 {
+            let (k, r, flags) = if n % 2 == 0 {
+                (key(n), reply(n), tcp_flags::ACK)
+            } else {
+                (udp(n), udp_reply(n), 0)
+            };
+            let i = ct.insert(Flow::new(k, r, 1, 3, 0), flags, 0);
+            ct.on_packet(i, Dir::Orig, flags, S);
         }
-        let now = 1000 * S;
-        let insert = |ct: &mut Conntrack, n: u32, hint| {
-            let (h, hr) = (ct.hash(&key(n)), ct.hash(&reply(n)));
-            ct.insert_hinted(Flow::new(key(n), reply(n), 1, 3, 0), h, hr, 0, now, hint)
-        };
-        // Unchanged: the hint's victim is the one evicted.
-        let hint = ct.prefetch_eviction(ct.hash(&key(500)), now).unwrap();
-        assert_eq!(insert(&mut ct, 500, Some(hint)), hint.victim);
-        // The victim saw a packet since: it is younger than the others sampled, and another
-        // flow goes (the insert's own choice, which the debug assertion compares).
-        let mut moved = 0;
-        for n in 600..700u32 {
-            let hint = ct.prefetch_eviction(ct.hash(&key(n)), now).unwrap();
-            ct.on_packet(hint.victim, Dir::Orig, tcp_flags::ACK, now);
-            if insert(&mut ct, n, Some(hint)) != hint.victim {
-                moved += 1;
+        let now = 100 * S;
+        for n in 0..32u32 {
+            ct.insert(Flow::new(key(1000 + n), reply(1000 + n), 1, 3, 0), 0, now);
+        }
+        assert_eq!((ct.stats().expired, ct.stats().evicted), (32, 0));
+        assert!((0..64u32).step_by(2).all(|n| ct.lookup(&key(n), now).is_some()));
+        ct.check();
+    }
+
+    #[test]
+    fn an_insert_passes_over_a_bounded_number_of_active_flows() {
+        let mut ct = table(64);
+        for n in 0..64u32 {
+            let i = ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), 0, 0);
+            assert_eq!(i, n, "the free list hands out entries in order");
+            ct.on_packet(i, Dir::Orig, 0, 1);
+        }
+        // Every flow is marked: the hand clears CLOCK_SCAN marks, then takes the next flow.
+        let i = ct.insert(Flow::new(key(100), reply(100), 1, 3, 0), 0, 2);
+        assert_eq!(i as usize, CLOCK_SCAN);
+        assert_eq!(ct.stats().evicted, 1);
+        assert!(ct.lookup(&key(CLOCK_SCAN as u32), 3).is_none());
+        assert!((0..CLOCK_SCAN).all(|n| !ct.flow(n as u32).recent));
+        // Those passed over now go first, in order.
+        for n in 0..CLOCK_SCAN as u32 {
+            assert_eq!(ct.insert(Flow::new(key(200 + n), reply(200 + n), 1, 3, 0), 0, 3), n);
+        }
+        ct.check();
+    }
+
+    #[test]
+    fn the_victims_prefetched_are_the_victims_taken() {
+        let mut ct = table(512);
+        let mut rng = crate::balance::FastRng::new(5);
+        for n in 0..512u32 {
+            let i = ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), 0, 0);
+            if rng.next_u64() % 3 != 0 {
+                ct.on_packet(i, Dir::Orig, 0, 1);
             }
         }
-        // (Not always: flows inserted at `now` above are as young as a refreshed victim, and
-        // ties go to the first sampled.)
-        assert!(moved > 50, "{moved} of 100 stale hints not used");
-        // A bucket changed since (here by inserting the same key's neighbour): chosen again.
-        let hint = ct.prefetch_eviction(ct.hash(&key(800)), now).unwrap();
-        let other = insert(&mut ct, 801, None);
-        let got = insert(&mut ct, 800, Some(hint));
-        assert!(other != hint.victim || got != hint.victim);
-        assert_eq!(ct.len(), 256);
+        // What each slab entry holds, to name the flow an insert replaced.
+        let mut held: Vec<FlowKey> = (0..512u32).map(|i| ct.flow(i).orig).collect();
+        let (mut n, mut seen) = (10_000, 0);
+        for round in 0..100u64 {
+            let now = 2 + round;
+            let k = 1 + (rng.next_u64() % 64) as usize;
+            let mut predicted = Vec::new();
+            ct.next_victims(k, now, |f| predicted.push(f.orig));
+            let mut taken = Vec::new();
+            for _ in 0..k {
+                let i = ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), 0, now) as usize;
+                taken.push(std::mem::replace(&mut held[i], key(n)));
+                n += 1;
+                // Some of the new flows in use again before the hand comes round.
+                if rng.next_u64() % 2 == 0 {
+                    ct.on_packet(i as u32, Dir::Orig, 0, now);
+                }
+            }
+            // All of them, or as many as the walk's bound let it name, in order.
+            assert!(!predicted.is_empty() && taken.starts_with(&predicted), "round {round}");
+            seen += predicted.len();
+        }
+        assert!(seen > (n as usize - 10_000) / 2, "{seen} of {} victims foreseen", n - 10_000);
         ct.check();
     }
 

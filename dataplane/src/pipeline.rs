@@ -32,9 +32,7 @@ use std::sync::Arc;
 
 use crate::affinity::AffinityTable;
 use crate::balance::{Candidate, ConnCounts, PickKey};
-use crate::conntrack::{
-    Conntrack, Dir, Flow, FlowKey, Timeouts, VictimHint, HOP_NONE, HOP_UNRESOLVED,
-};
+use crate::conntrack::{Conntrack, Dir, Flow, FlowKey, Timeouts, HOP_NONE, HOP_UNRESOLVED};
 use crate::counters::{Counters, DropReason, PassReason};
 use crate::frag::FragTable;
 use crate::mem::prefetch;
@@ -183,16 +181,16 @@ const CHUNK: usize = 64;
 /// 1. parse each frame, hash its 5-tuple and prefetch the key's two conntrack index lines;
 /// 2. read the tags in those lines and prefetch the flow records they point at; a key with no
 ///    matching tag is not in conntrack (most likely a new flow): prefetch its frontend slot
-///    (and, the table being full, the first lines of the flows an insert would choose its
-///    victim from); then, only when the chunk has such keys:
+///    (and, the table being full, the records of the flows the clock hand would evict for as
+///    many new flows, [`Conntrack::prefetch_clock`]); then, only when the chunk has such keys:
 ///    - 2a: look their frontends up and prefetch the first line of the service ports they
 ///      lead to;
 ///
 ///    and only when the chunk has new flows:
 ///    - 2b: prefetch what the services' schedulers will read (for random, just the candidate
 ///      it will pick; see [`crate::balance::Scheduler::prefetch`]);
-///    - 2c: choose the eviction victim and prefetch what evicting it writes; where the
-///      scheduler's pick is a pure function of the packet (random, sh, dh, Maglev, without
+///    - 2c: prefetch what evicting a flow for each of them writes
+///      ([`Conntrack::prefetch_evictions`]); where the scheduler's pick is a pure function of the packet (random, sh, dh, Maglev, without
 ///      session affinity), pick now, hash the reply key the new flow would have and prefetch
 ///      its conntrack index lines (checked for a clash) and the backend's connection count;
 /// 3. process each frame in order, reusing the parse, the hash, the frontend and the pick; a
@@ -309,8 +307,6 @@ struct Miss<'t> {
 struct Ahead {
     /// The backend, for a service whose scheduler is pure and has no session affinity.
     pick: Option<Pick>,
-    /// The flow conntrack would evict for it (checked by the insert before use).
-    victim: Option<VictimHint>,
 }
 
 /// A new flow's backend picked ahead: the same answer [`choose`] gives in pass 3, since the
@@ -376,7 +372,8 @@ fn process_chunk(
             }
         }
     }
-    let mut new_flows = false;
+    w.ct.prefetch_clock(missed.count_ones() as usize);
+    let mut new_flows = 0;
     for i in bits(missed) {
         let key = &lanes[i].key;
         let fe = tables.frontend(&frontend_key(key)).copied();
@@ -384,21 +381,22 @@ fn process_chunk(
         if let Some(svc) = svc {
             // What a new flow reads of it is its first line.
             prefetch(Arc::as_ptr(svc));
-            new_flows = true;
+            new_flows += 1;
         }
         miss[i].write(Miss { fe, svc: svc.map(|s| &**s), ahead: Ahead::default() });
     }
-    if new_flows {
+    if new_flows > 0 {
         for i in bits(missed) {
             let (l, m) = (&lanes[i], written(&miss, missed, i));
             if let Some(svc) = m.svc {
                 svc.scheduler().prefetch(svc.candidates(), &pick_key(&l.key, l.h));
             }
         }
+        w.ct.prefetch_evictions(new_flows, now);
         for i in bits(missed) {
             let (l, m) = (&lanes[i], written(&miss, missed, i));
             if let Some(fe) = m.fe {
-                let ahead = pick_ahead(tables, w, &l.key, l.h, &fe, m.svc, now);
+                let ahead = pick_ahead(tables, w, &l.key, l.h, &fe, m.svc);
                 // SAFETY: `i` is in `missed`, every frame of which pass 2a wrote (`written`
                 // read it just above).
                 unsafe { miss[i].assume_init_mut() }.ahead = ahead;
@@ -766,10 +764,9 @@ fn refresh_flow(
 
 /// Pass 2c's part of a new flow: when the service's scheduler is pure and there is no session
 /// affinity, picks the backend now and starts loading the reply key's conntrack lines and the
-/// backend's connection count; in any case starts loading what evicting a flow for it writes.
-/// A frame another worker owns gets nothing (it is handed over in pass 3).
+/// backend's connection count. A frame another worker owns gets nothing (it is handed over in
+/// pass 3).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn pick_ahead(
     t: &Tables,
     w: &WorkerState,
@@ -777,13 +774,11 @@ fn pick_ahead(
     h: u64,
     fe: &Frontend,
     svc: Option<&ServicePort>,
-    now: u64,
 ) -> Ahead {
     if w.workers > 1 && !w.local_only && owner_of(t, key.src, key.sport, w.workers) != w.worker_id {
         return Ahead::default();
     }
-    let victim = w.ct.prefetch_eviction(h, now);
-    Ahead { pick: svc.and_then(|svc| pick_now(svc, w, key, h, fe)), victim }
+    Ahead { pick: svc.and_then(|svc| pick_now(svc, w, key, h, fe)) }
 }
 
 /// [`pick_ahead`]'s pick, with its prefetches.
@@ -906,7 +901,7 @@ fn new_flow(
             }
         }
     }
-    finish_new(f, o, t, w, now, key, h, reply, hr, svc, cand.id, flags, ahead.victim)
+    finish_new(f, o, t, w, now, key, h, reply, hr, svc, cand.id, flags)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -924,7 +919,6 @@ fn finish_new(
     svc: &ServicePort,
     backend: u32,
     flags: u8,
-    victim: Option<VictimHint>,
 ) -> Verdict {
     if let Some(timeout) = svc.affinity_timeout_s() {
         w.affinity.insert(svc.id(), key.src, backend, now + u64::from(timeout) * NS, now);
@@ -935,7 +929,7 @@ fn finish_new(
     // direction goes to the source of the other's tuple): neither direction's next packet
     // then leaves the fast path, and this one is forwarded as they will be.
     flow.set_hops(t.generation(), [hop_index(t, reply.src), hop_index(t, key.src)]);
-    let idx = w.ct.insert_hinted(flow, h, h_reply, flags, now, victim);
+    let idx = w.ct.insert_hashed(flow, h, h_reply, flags, now);
     w.ct.add_bytes(idx, Dir::Orig, o.end - o.l3);
     w.counters.nat_new += 1;
     let (to, deltas) = flow.nat(Dir::Orig);

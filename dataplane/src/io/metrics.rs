@@ -245,7 +245,7 @@ impl Collector for DataplaneCollector {
             family(
                 &mut enc,
                 "kxdp_conntrack_evictions",
-                "Conntrack entries evicted from full buckets.",
+                "Conntrack entries evicted to make room for new flows (table or index buckets full).",
                 c,
                 Rows(evictions),
             )?;
