@@ -316,6 +316,7 @@ impl Flow {
     };
 
     /// A new flow in its initial state for the first packet's TCP flags.
+    #[inline]
     pub fn new(
         orig: FlowKey,
         reply: FlowKey,
