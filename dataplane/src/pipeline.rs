@@ -929,8 +929,7 @@ fn finish_new(
     // direction goes to the source of the other's tuple): neither direction's next packet
     // then leaves the fast path, and this one is forwarded as they will be.
     flow.set_hops(t.generation(), [hop_index(t, reply.src), hop_index(t, key.src)]);
-    let idx = w.ct.insert_hashed(flow, h, h_reply, flags, now);
-    w.ct.add_bytes(idx, Dir::Orig, o.end - o.l3);
+    w.ct.insert_packet(flow, h, h_reply, flags, now, o.end - o.l3);
     w.counters.nat_new += 1;
     let (to, deltas) = flow.nat(Dir::Orig);
     translate(f, o, t, &to, deltas, flow.hop(Dir::Orig))
