@@ -324,6 +324,7 @@ impl Flow {
     };
 
     /// A new flow in its initial state for the first packet's TCP flags.
+    #[inline]
     pub fn new(
         orig: FlowKey,
         reply: FlowKey,
@@ -954,11 +955,26 @@ impl Conntrack {
     /// [`Conntrack::insert`] with the hashes of the flow's orig and reply keys already computed.
     pub fn insert_hashed(
         &mut self,
+        flow: Flow,
+        h_orig: u64,
+        h_reply: u64,
+        flags: u8,
+        now: u64,
+    ) -> u32 {
+        self.insert_packet(flow, h_orig, h_reply, flags, now, 0)
+    }
+
+    /// [`Conntrack::insert_hashed`] for the packet path: the first packet's `bytes` (its IP
+    /// datagram) are counted too, in the same write of the record.
+    #[inline]
+    pub fn insert_packet(
+        &mut self,
         mut flow: Flow,
         h_orig: u64,
         h_reply: u64,
         flags: u8,
         now: u64,
+        bytes: usize,
     ) -> u32 {
         let idx = match self.free.pop() {
             Some(i) => i,
@@ -976,6 +992,7 @@ impl Conntrack {
         // A flow earns its second chance with a later packet, not its first: a flood of
         // one-packet flows then evicts its own kind before any flow in use.
         flow.recent = false;
+        flow.count_bytes(Dir::Orig, bytes);
         self.flows[idx as usize].0 = flow;
         self.place(h_orig, idx + 1, now);
         self.place(h_reply, (idx + 1) | REPLY_BIT, now);

@@ -213,17 +213,6 @@ pub fn process_batch(
     }
 }
 
-/// What the early passes learnt about a frame, as the general path of pass 3 takes it (built
-/// there from the frame's [`Lane`] and [`Miss`], only for frames the fast path does not take).
-#[derive(Clone, Copy)]
-struct Pre<'a> {
-    parsed: Parsed,
-    /// The frame's 5-tuple and its conntrack hash, for TCP and UDP with an L4 header.
-    key: Option<(FlowKey, u64)>,
-    /// What passes 2a-2c learnt, for a frame whose tuple matched no tag in pass 2.
-    miss: Option<&'a Miss>,
-}
-
 /// What pass 1 (and pass 2, `slot`) keeps of every frame: 40 bytes, so a chunk's 64 are
 /// 2.5 KB of stack, zeroed in one `memset`. The parse is kept compactly ([`Lane::parsed`] restores it).
 #[derive(Clone, Copy, Default)]
@@ -306,8 +295,10 @@ impl Lane {
 /// What passes 2a-2c learnt about a frame whose tuple matched no tag in pass 2 (a new flow,
 /// most likely).
 #[derive(Clone, Copy)]
-struct Miss {
+struct Miss<'t> {
     fe: Option<Frontend>,
+    /// The service port `fe` leads to, looked up once (pass 2a) for passes 2b, 2c and 3.
+    svc: Option<&'t ServicePort>,
     ahead: Ahead,
 }
 
@@ -371,7 +362,7 @@ fn process_chunk(
     // Frames whose tuple matched no tag (a bit per frame), and what the next passes learn of
     // them: `miss[i]` is written for every frame in `missed`, and read only for those.
     let mut missed = 0u64;
-    let mut miss = [const { MaybeUninit::<Miss>::uninit() }; CHUNK];
+    let mut miss = [const { MaybeUninit::<Miss<'_>>::uninit() }; CHUNK];
     for (i, l) in lanes[..n].iter_mut().enumerate() {
         if l.bits & KEYED != 0 {
             l.slot = w.ct.prefetch_flow(l.h);
@@ -386,26 +377,29 @@ fn process_chunk(
     for i in bits(missed) {
         let key = &lanes[i].key;
         let fe = tables.frontend(&frontend_key(key)).copied();
-        if let Some(svc) = fe.and_then(|fe| tables.service_arc(fe.service)) {
+        let svc = fe.and_then(|fe| tables.service_arc(fe.service));
+        if let Some(svc) = svc {
             // What a new flow reads of it is its first line.
             prefetch(Arc::as_ptr(svc));
             new_flows += 1;
         }
-        miss[i].write(Miss { fe, ahead: Ahead::default() });
+        miss[i].write(Miss { fe, svc: svc.map(|s| &**s), ahead: Ahead::default() });
     }
     if new_flows > 0 {
         for i in bits(missed) {
             let (l, m) = (&lanes[i], written(&miss, missed, i));
-            if let Some(svc) = m.fe.and_then(|fe| tables.service(fe.service)) {
+            if let Some(svc) = m.svc {
                 svc.scheduler().prefetch(svc.candidates(), &pick_key(&l.key, l.h));
             }
         }
         w.ct.prefetch_evictions(new_flows, now);
         for i in bits(missed) {
-            let (l, fe) = (&lanes[i], written(&miss, missed, i).fe);
-            if let Some(fe) = fe {
-                let ahead = pick_ahead(tables, w, &l.key, l.h, &fe);
-                miss[i].write(Miss { fe: Some(fe), ahead });
+            let (l, m) = (&lanes[i], written(&miss, missed, i));
+            if let Some(fe) = m.fe {
+                let ahead = pick_ahead(tables, w, &l.key, l.h, &fe, m.svc);
+                // SAFETY: `i` is in `missed`, every frame of which pass 2a wrote (`written`
+                // read it just above).
+                unsafe { miss[i].assume_init_mut() }.ahead = ahead;
             }
         }
     }
@@ -429,12 +423,9 @@ fn process_chunk(
                 continue;
             }
         }
-        let p = Pre {
-            parsed: l.parsed(),
-            key: (l.bits & KEYED != 0).then_some((l.key, l.h)),
-            miss: missed_here.then(|| written(&miss, missed, i)),
-        };
-        let verdict = process_one(f, &p, tables, w, now);
+        let m = missed_here.then(|| written(&miss, missed, i));
+        let keyed = (l.bits & KEYED != 0).then_some((l.key, l.h));
+        let verdict = process_one(f, l.parsed(), keyed, m, tables, w, now);
         match verdict {
             Verdict::Tx { .. } => w.counters.tx += 1,
             Verdict::Pass(r) => w.counters.passed(r),
@@ -453,7 +444,11 @@ fn process_chunk(
 /// `miss[i]`, for a frame `i` in `missed`: `process_chunk` writes `miss[i]` for every such
 /// frame before it reads any.
 #[inline(always)]
-fn written(miss: &[MaybeUninit<Miss>; CHUNK], missed: u64, i: usize) -> &Miss {
+fn written<'a, 't>(
+    miss: &'a [MaybeUninit<Miss<'t>>; CHUNK],
+    missed: u64,
+    i: usize,
+) -> &'a Miss<'t> {
     assert!(missed & (1 << i) != 0);
     // SAFETY: `i` is in `missed` (checked above), and `process_chunk` writes `miss[i]` for
     // every frame in `missed` in pass 2a, before any call.
@@ -513,10 +508,20 @@ fn established(
     Some((hop.ifindex, dir))
 }
 
-/// One frame, parsed in pass 1 (`f.len` is already clamped to the buffer).
+/// One frame, parsed in pass 1 (`f.len` is already clamped to the buffer): `keyed` is its
+/// 5-tuple and conntrack hash (TCP and UDP with an L4 header), `miss` what passes 2a-2c learnt
+/// of it when its tuple matched no tag in pass 2.
 #[inline]
-fn process_one(f: &mut Frame<'_>, p: &Pre, t: &Tables, w: &mut WorkerState, now: u64) -> Verdict {
-    let o = match p.parsed {
+fn process_one(
+    f: &mut Frame<'_>,
+    parsed: Parsed,
+    keyed: Option<(FlowKey, u64)>,
+    miss: Option<&Miss>,
+    t: &Tables,
+    w: &mut WorkerState,
+    now: u64,
+) -> Verdict {
+    let o = match parsed {
         Parsed::Ipv4(o) => o,
         Parsed::Arp => return Verdict::Pass(PassReason::Arp),
         Parsed::Ipv6 => return Verdict::Pass(PassReason::Ipv6),
@@ -531,8 +536,8 @@ fn process_one(f: &mut Frame<'_>, p: &Pre, t: &Tables, w: &mut WorkerState, now:
     if ip::ttl(f.buf, o.l3) <= 1 {
         return Verdict::Pass(PassReason::TtlExpired);
     }
-    match (o.proto, p.key) {
-        (IPPROTO_TCP | IPPROTO_UDP, Some((key, h))) => l4(f, &o, t, w, now, key, h, p.miss),
+    match (o.proto, keyed) {
+        (IPPROTO_TCP | IPPROTO_UDP, Some((key, h))) => l4(f, &o, t, w, now, key, h, miss),
         (IPPROTO_TCP | IPPROTO_UDP, None) => later_fragment(f, &o, t, w, now),
         (IPPROTO_ICMP, _) if !o.fragment => icmp(f, &o, t, w, now),
         _ => {
@@ -608,8 +613,11 @@ fn l4(
         }
     }
     if let Some(fe) = fe {
-        let ahead = miss.map_or_else(Ahead::default, |m| m.ahead);
-        return new_flow(f, o, t, w, now, key, h, fe, flags, ahead);
+        let (svc, ahead) = match miss {
+            Some(m) => (m.svc, &m.ahead),
+            None => (t.service(fe.service), &Ahead::default()),
+        };
+        return new_flow(f, o, t, w, now, key, h, fe, svc, flags, ahead);
     }
     if t.is_vip(key.dst) {
         return Verdict::Drop(DropReason::VipNoPort);
@@ -730,7 +738,20 @@ fn refresh_flow(
                     t.frontend(&FrontendKey { ip: key.dst, port: key.dport, proto: key.proto })
                 {
                     w.counters.udp_rebalanced += 1;
-                    return Err(new_flow(f, o, t, w, now, key, h, *fe, flags, Ahead::default()));
+                    let svc = t.service(fe.service);
+                    return Err(new_flow(
+                        f,
+                        o,
+                        t,
+                        w,
+                        now,
+                        key,
+                        h,
+                        *fe,
+                        svc,
+                        flags,
+                        &Ahead::default(),
+                    ));
                 }
             }
             let reason =
@@ -753,17 +774,29 @@ fn refresh_flow(
 /// backend's connection count. A frame another worker owns gets nothing (it is handed over in
 /// pass 3).
 #[inline(always)]
-fn pick_ahead(t: &Tables, w: &WorkerState, key: &FlowKey, h: u64, fe: &Frontend) -> Ahead {
+fn pick_ahead(
+    t: &Tables,
+    w: &WorkerState,
+    key: &FlowKey,
+    h: u64,
+    fe: &Frontend,
+    svc: Option<&ServicePort>,
+) -> Ahead {
     if w.workers > 1 && !w.local_only && owner_of(t, key.src, key.sport, w.workers) != w.worker_id {
         return Ahead::default();
     }
-    Ahead { pick: pick_now(t, w, key, h, fe) }
+    Ahead { pick: svc.and_then(|svc| pick_now(svc, w, key, h, fe)) }
 }
 
 /// [`pick_ahead`]'s pick, with its prefetches.
 #[inline(always)]
-fn pick_now(t: &Tables, w: &WorkerState, key: &FlowKey, h: u64, fe: &Frontend) -> Option<Pick> {
-    let svc = t.service(fe.service)?;
+fn pick_now(
+    svc: &ServicePort,
+    w: &WorkerState,
+    key: &FlowKey,
+    h: u64,
+    fe: &Frontend,
+) -> Option<Pick> {
     if svc.affinity_timeout_s().is_some() || !svc.scheduler().pick_is_pure() {
         return None;
     }
@@ -800,9 +833,9 @@ fn direct_reply(key: &FlowKey, cand: &Candidate) -> FlowKey {
     FlowKey { src: cand.ip, dst: key.src, sport: cand.port, dport: key.sport, proto: key.proto }
 }
 
-/// A flow's first packet to frontend `fe`: affinity or the scheduler picks a backend (unless
-/// `ahead` already did, [`pick_ahead`], for this very key), then policy, source NAT and the
-/// conntrack entry.
+/// A flow's first packet to frontend `fe`, whose service port is `svc` (`None`: removed):
+/// affinity or the scheduler picks a backend (unless `ahead` already did, [`pick_ahead`], for
+/// this very key), then policy, source NAT and the conntrack entry.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn new_flow(
@@ -814,13 +847,14 @@ fn new_flow(
     key: FlowKey,
     h: u64,
     fe: Frontend,
+    svc: Option<&ServicePort>,
     flags: u8,
-    ahead: Ahead,
+    ahead: &Ahead,
 ) -> Verdict {
     if key.proto == IPPROTO_TCP && flags & tcp_flags::RST != 0 {
         return Verdict::Drop(DropReason::TcpNoFlow);
     }
-    let Some(svc) = t.service(fe.service) else {
+    let Some(svc) = svc else {
         return Verdict::Drop(DropReason::ServiceRemoved);
     };
     let picked = match ahead.pick {
@@ -902,8 +936,7 @@ fn finish_new(
     // direction goes to the source of the other's tuple): neither direction's next packet
     // then leaves the fast path, and this one is forwarded as they will be.
     flow.set_hops(t.generation(), [hop_index(t, reply.src), hop_index(t, key.src)]);
-    let idx = w.ct.insert_hashed(flow, h, h_reply, flags, now);
-    w.ct.add_bytes(idx, Dir::Orig, o.end - o.l3);
+    w.ct.insert_packet(flow, h, h_reply, flags, now, o.end - o.l3);
     w.counters.nat_new += 1;
     let (to, deltas) = flow.nat(Dir::Orig);
     translate(f, o, t, &to, deltas, flow.hop(Dir::Orig))
@@ -930,7 +963,16 @@ fn translate(
 ) -> Verdict {
     match t.routes().hop(hop.wrapping_sub(1)) {
         Some(hop) => {
-            wire::nat_apply(f.buf, o.l3, o.l4, o.proto, to.src, to.dst, to.sport, to.dport, deltas);
+            let (src, dst, sport, dport) = (to.src, to.dst, to.sport, to.dport);
+            match f.buf.first_chunk_mut::<54>() {
+                // Ethernet II and IPv4 without options, as most frames are: constant offsets
+                // in 54 bytes of room, no further bounds checks.
+                Some(b) if o.l3 == ETH_HLEN && o.l4 == ETH_HLEN + 20 => {
+                    let l4 = ETH_HLEN + 20;
+                    wire::nat_apply(b, ETH_HLEN, l4, o.proto, src, dst, sport, dport, deltas);
+                }
+                _ => wire::nat_apply(f.buf, o.l3, o.l4, o.proto, src, dst, sport, dport, deltas),
+            }
             set_macs(f.buf, hop);
             Verdict::Tx { ifindex: hop.ifindex }
         }

@@ -315,8 +315,8 @@ pub struct Routes {
     /// Next hops; host and prefix entries hold indices into it.
     hops: Vec<NextHop>,
     hosts: HashMap<u32, u32, RandomState>,
-    /// (network, prefix length, hop index), sorted by prefix length, longest first.
-    prefixes: Vec<(u32, u8, u32)>,
+    /// (network, netmask, hop index), sorted by prefix length (so by netmask), longest first.
+    prefixes: Vec<(u32, u32, u32)>,
     /// Prefix entries by `network << 8 | length`, for tables of more than [`PREFIX_SCAN`].
     by_prefix: HashMap<u64, u32, RandomState>,
     /// The distinct prefix lengths present, longest first.
@@ -354,7 +354,7 @@ impl Routes {
         let i = self.hops.len() as u32;
         self.hops.push(hop);
         self.by_prefix.insert(prefix_key(net, len), i);
-        self.prefixes.push((net, len, i));
+        self.prefixes.push((net, prefix_mask(len), i));
         self.prefixes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         if !self.lens.contains(&len) {
             self.lens.push(len);
@@ -372,13 +372,30 @@ impl Routes {
         self.resolve(ip).map(|i| &self.hops[i as usize])
     }
     /// Longest-prefix lookup, as the index of the next hop for [`Routes::hop`].
-    #[inline]
+    ///
+    /// Inlined up to the scan of a few prefixes with no host routes (a node whose pods are
+    /// reached through prefixes: two tests and a load, an AND and a compare per prefix); with
+    /// host routes or many prefixes, a call.
+    #[inline(always)]
     pub fn resolve(&self, ip: u32) -> Option<u32> {
+        if !self.hosts.is_empty() || self.prefixes.len() > PREFIX_SCAN {
+            return self.resolve_hashed(ip);
+        }
+        self.scan(ip)
+    }
+    /// The first (longest) prefix holding `ip`, of a table of at most [`PREFIX_SCAN`].
+    #[inline(always)]
+    fn scan(&self, ip: u32) -> Option<u32> {
+        self.prefixes.iter().find(|&&(n, m, _)| ip & m == n).map(|e| e.2)
+    }
+    /// [`Routes::resolve`] with host routes or more than [`PREFIX_SCAN`] prefixes.
+    #[inline(never)]
+    fn resolve_hashed(&self, ip: u32) -> Option<u32> {
         if let Some(&i) = self.hosts.get(&ip) {
             return Some(i);
         }
         if self.prefixes.len() <= PREFIX_SCAN {
-            return self.prefixes.iter().find(|&&(n, l, _)| ip & prefix_mask(l) == n).map(|e| e.2);
+            return self.scan(ip);
         }
         self.lens
             .iter()
@@ -402,7 +419,9 @@ impl Routes {
     }
     /// Prefix routes, longest first.
     pub fn prefixes(&self) -> impl Iterator<Item = (Ipv4Addr, u8, NextHop)> + '_ {
-        self.prefixes.iter().map(|&(n, l, i)| (Ipv4Addr::from(n), l, self.hops[i as usize]))
+        self.prefixes
+            .iter()
+            .map(|&(n, m, i)| (Ipv4Addr::from(n), m.count_ones() as u8, self.hops[i as usize]))
     }
 }
 
@@ -881,27 +900,39 @@ mod tests {
                 all.retain(|&(a, l, _)| !(a == net && l == len));
                 all.push((net, len, i + 1));
             }
-            r.add_host(Ipv4Addr::new(10, 1, 2, 3), hop(1000));
-            r.add_host(Ipv4Addr::new(10, 1, 2, 3), hop(1001));
-            for k in 0..5_000u32 {
-                let ip = if k == 0 {
+            // The reference: the host route, else the longest matching prefix.
+            let longest = |ip: u32| {
+                all.iter()
+                    .filter(|&&(a, l, _)| ip & prefix_mask(l) == a)
+                    .max_by_key(|e| e.1)
+                    .map(|e| e.2)
+            };
+            let addr = |k: u32, rng: &mut crate::balance::FastRng| {
+                if k == 0 {
                     0x0a01_0203
                 } else {
                     0x0a00_0000 | (rng.next_u64() as u32 & 0x00ff_ffff)
-                };
-                // The reference: the host route, else the longest matching prefix.
-                let want = if ip == 0x0a01_0203 {
-                    Some(1001)
-                } else {
-                    all.iter()
-                        .filter(|&&(a, l, _)| ip & prefix_mask(l) == a)
-                        .max_by_key(|e| e.1)
-                        .map(|e| e.2)
-                };
+                }
+            };
+            // Prefixes only (the scan, for up to `PREFIX_SCAN`), then with a host route.
+            for k in 0..5_000u32 {
+                let ip = addr(k, &mut rng);
+                assert_eq!(r.lookup(ip).map(|h| h.ifindex), longest(ip), "{n} prefixes, {ip:#x}");
+                assert_eq!(r.resolve(ip).and_then(|i| r.hop(i)), r.lookup(ip));
+            }
+            r.add_host(Ipv4Addr::new(10, 1, 2, 3), hop(1000));
+            r.add_host(Ipv4Addr::new(10, 1, 2, 3), hop(1001));
+            for k in 0..5_000u32 {
+                let ip = addr(k, &mut rng);
+                let want = if ip == 0x0a01_0203 { Some(1001) } else { longest(ip) };
                 assert_eq!(r.lookup(ip).map(|h| h.ifindex), want, "{n} prefixes, {ip:#x}");
                 let i = r.resolve(ip);
                 assert_eq!(i.and_then(|i| r.hop(i)), r.lookup(ip));
             }
+            let listed: Vec<(u32, u8)> = r.prefixes().map(|(a, l, _)| (u32::from(a), l)).collect();
+            let mut want: Vec<(u32, u8)> = all.iter().map(|&(a, l, _)| (a, l)).collect();
+            want.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            assert_eq!(listed, want);
             assert_eq!(r.prefixes().count(), all.len());
             assert_eq!(r.hosts().len(), 1);
         }

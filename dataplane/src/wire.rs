@@ -588,6 +588,7 @@ pub fn ipv4(a: u32) -> Ipv4Addr {
 /// same 16-bit words, each the other way round, and for one word `(~m + m') + (~m' + m) =
 /// 2 * 0xffff`, so the reply direction's unfolded sums follow from the original's by exact
 /// integer arithmetic.
+#[inline]
 pub fn nat_deltas_both(orig: (u32, u32, u16, u16), reply: (u32, u32, u16, u16)) -> [[u16; 2]; 2] {
     // The original direction: (orig) -> (reply.1, reply.0, reply.3, reply.2).
     let (addr, addr_words) = changed_sum([(orig.0, reply.1), (orig.1, reply.0)], delta32, 2);
