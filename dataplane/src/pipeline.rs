@@ -190,9 +190,10 @@ const CHUNK: usize = 64;
 ///    - 2b: prefetch what the services' schedulers will read (for random, just the candidate
 ///      it will pick; see [`crate::balance::Scheduler::prefetch`]);
 ///    - 2c: prefetch what evicting a flow for each of them writes
-///      ([`Conntrack::prefetch_evictions`]); where the scheduler's pick is a pure function of the packet (random, sh, dh, Maglev, without
-///      session affinity), pick now, hash the reply key the new flow would have and prefetch
-///      its conntrack index lines (checked for a clash) and the backend's connection count;
+///      ([`Conntrack::prefetch_evictions`]); where the scheduler's pick is a pure function of
+///      the packet (random, sh, dh, Maglev, without session affinity), pick now, hash the
+///      reply key the new flow would have and prefetch its conntrack index lines (checked for
+///      a clash) and the backend's connection count;
 /// 3. process each frame in order, reusing the parse, the hash, the frontend and the pick; a
 ///    packet of a known flow in a common frame takes a fast path ([`established`]) that
 ///    confirms pass 2's tag match instead of searching again, and falls back to the general
