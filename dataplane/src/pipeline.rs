@@ -178,9 +178,12 @@ const CHUNK: usize = 64;
 ///
 /// The work is done in passes over each chunk of up to 64 frames, as VPP and DPDK do, so that
 /// the cache misses of the whole chunk overlap instead of being paid one after the other:
-/// 1. parse each frame, hash its 5-tuple and prefetch the key's two conntrack index lines;
-/// 2. read the tags in those lines and prefetch the flow records they point at; a key with no
-///    matching tag is not in conntrack (most likely a new flow): prefetch its frontend slot
+/// 1. parse each frame, hash its 5-tuple and prefetch the key's first conntrack index line
+///    (where most keys are);
+/// 2. read the tags in that line and prefetch the flow records they point at; for a key with
+///    no matching tag there, prefetch its second index line, and read that one's tags after
+///    the other frames' first ones. A key with no matching tag in either is not in conntrack
+///    (most likely a new flow): prefetch its frontend slot
 ///    (and, the table being full, the records of the flows the clock hand would evict for as
 ///    many new flows, [`Conntrack::prefetch_clock`]); then, only when the chunk has such keys:
 ///    - 2a: look their frontends up and prefetch the first line of the service ports they
@@ -358,19 +361,28 @@ fn process_chunk(
             }
         };
         l.h = w.ct.hash(&l.key);
-        w.ct.prefetch_buckets(l.h);
+        w.ct.prefetch_first_bucket(l.h);
     }
     // Frames whose tuple matched no tag (a bit per frame), and what the next passes learn of
     // them: `miss[i]` is written for every frame in `missed`, and read only for those.
     let mut missed = 0u64;
     let mut miss = [const { MaybeUninit::<Miss<'_>>::uninit() }; CHUNK];
+    // Frames whose tuple matched no tag in its first bucket: the second is loading.
+    let mut second = 0u64;
     for (i, l) in lanes[..n].iter_mut().enumerate() {
         if l.bits & KEYED != 0 {
-            l.slot = w.ct.prefetch_flow(l.h);
+            l.slot = w.ct.probe_first(l.h);
             if l.slot == 0 {
-                tables.prefetch_frontend(&frontend_key(&l.key));
-                missed |= 1 << i;
+                second |= 1 << i;
             }
+        }
+    }
+    for i in bits(second) {
+        let l = &mut lanes[i];
+        l.slot = w.ct.probe_second(l.h);
+        if l.slot == 0 {
+            tables.prefetch_frontend(&frontend_key(&l.key));
+            missed |= 1 << i;
         }
     }
     w.ct.prefetch_clock(missed.count_ones() as usize);
