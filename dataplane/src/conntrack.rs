@@ -25,7 +25,7 @@
 //!   for one table generation (see `pipeline::known_flow`).
 //! - Each key has two candidate buckets (two-choice hashing, from two halves of one hash) and
 //!   goes to its first while that has a few free ways, else to the less loaded of the two
-//!   ([`FIRST_BUCKET_ROOM`]); lookups check the first, then the second. The index is
+//!   (`FIRST_BUCKET_ROOM`); lookups check the first, then the second. The index is
 //!   sized for at most 0.8 load. When both buckets of a new key are full, a key already there is
 //!   first moved to its other candidate bucket if that has room (one cuckoo step), so the table
 //!   holds its full capacity without evicting; only if none can move is the oldest flow there
@@ -34,7 +34,7 @@
 //!   page replacement does it): a hand moves over the entries in order and takes the first
 //!   flow that has expired or has had no packet since its first one or since the hand last
 //!   passed it; a flow with such a packet loses its mark and is passed over (at most
-//!   [`CLOCK_SCAN`] per insert, then the next flow goes whatever its mark, so the cost stays
+//!   `CLOCK_SCAN` per insert, then the next flow goes whatever its mark, so the cost stays
 //!   bounded). A flow that keeps sending at least once per turn of the hand therefore survives
 //!   any flood of new flows, and one-packet flows (scans, spoofed floods) evict each other
 //!   first. (Sampling a few flows near the new key instead evicts an active flow with a
@@ -842,7 +842,7 @@ impl Conntrack {
     }
 
     /// The second step, once [`Conntrack::prefetch_clock`]'s lines have had time to arrive:
-    /// for each flow the next `inserts` inserts will evict (as [`Conntrack::clock_victim`]
+    /// for each flow the next `inserts` inserts will evict (as `Conntrack::clock_victim`
     /// would choose them now; packets in between may change that, which only costs a miss),
     /// starts loading what removing it writes: the index lines of its two keys, its backend's
     /// retired-traffic counters and connection count.

@@ -183,9 +183,9 @@ const CHUNK: usize = 64;
 /// 2. read the tags in that line and prefetch the flow records they point at; for a key with
 ///    no matching tag there, prefetch its second index line, and read that one's tags after
 ///    the other frames' first ones. A key with no matching tag in either is not in conntrack
-///    (most likely a new flow): prefetch its frontend slot
-///    (and, the table being full, the records of the flows the clock hand would evict for as
-///    many new flows, [`Conntrack::prefetch_clock`]); then, only when the chunk has such keys:
+///    (most likely a new flow): prefetch its frontend slot (and, the table being full, the
+///    records of the flows the clock hand would evict for as many new flows,
+///    [`Conntrack::prefetch_clock`]); then, only when the chunk has such keys:
 ///    - 2a: look their frontends up and prefetch the first line of the service ports they
 ///      lead to;
 ///
