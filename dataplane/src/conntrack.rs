@@ -24,8 +24,8 @@
 //!   the checksum deltas of the rewrite ([`crate::wire::nat_deltas`]) and the next hop, cached
 //!   for one table generation (see `pipeline::known_flow`).
 //! - Each key has two candidate buckets (two-choice hashing, from two halves of one hash) and
-//!   goes to its first while that has a few free ways, else to the less loaded of the two
-//!   (`FIRST_BUCKET_ROOM`); lookups check the first, then the second. The index is
+//!   goes to the less loaded of the two (the first on a tie, so about two thirds of keys are
+//!   in their first); lookups check the first, then the second. The index is
 //!   sized for at most 0.8 load. When both buckets of a new key are full, a key already there is
 //!   first moved to its other candidate bucket if that has room (one cuckoo step), so the table
 //!   holds its full capacity without evicting; only if none can move is the oldest flow there
@@ -81,14 +81,6 @@ pub const WAYS: usize = 10;
 /// Most slab entries the eviction hand passes over (clearing their second-chance marks) to
 /// find a victim; the next one is taken whatever its mark.
 const CLOCK_SCAN: usize = 32;
-/// A new key goes to its first bucket while that has this many free ways, and to the less
-/// loaded of its two buckets after that (the power of two choices). A lookup, and the batch
-/// pipeline's prefetch, look in the first bucket first: at the index's full load of 0.8 this
-/// puts 88% of keys there (66% with plain two-choice placement; test
-/// `most_keys_are_in_their_first_bucket`), so most lookups read one index line, while
-/// both-full buckets stay rare (a simulation of two million inserts at 0.76 load: 325 against
-/// 1 in two million, each resolved by a cuckoo step before any eviction).
-const FIRST_BUCKET_ROOM: u32 = 3;
 const REPLY_BIT: u32 = 1 << 31;
 /// Largest capacity: slot positions (`bucket << 4 | way`) must fit in 32 bits.
 const MAX_CAPACITY: usize = 1 << 27;
@@ -955,7 +947,7 @@ impl Conntrack {
         flows[idx as usize].0.on_packet_ns(dir, flags, now, timeouts_ns);
     }
 
-    /// [`Conntrack::on_packet`] and [`Conntrack::add_bytes`] in one (one slab access, for the
+    /// [`Conntrack::on_packet`] and the packet's bytes (see [`crate::traffic`]) in one (one slab access, for the
     /// packet path); returns the flow.
     #[inline(always)]
     pub fn account(&mut self, idx: u32, dir: Dir, flags: u8, now: u64, bytes: usize) -> &Flow {
@@ -964,13 +956,6 @@ impl Conntrack {
         f.on_packet_ns(dir, flags, now, timeouts_ns);
         f.count_bytes(dir, bytes);
         f
-    }
-
-    /// Counts `bytes` of a packet of flow `idx` (its record is in cache: the packet was just
-    /// matched or inserted). See [`crate::traffic`].
-    #[inline(always)]
-    pub fn add_bytes(&mut self, idx: u32, dir: Dir, bytes: usize) {
-        self.flows[idx as usize].0.count_bytes(dir, bytes);
     }
 
     /// Traffic of the flows removed so far, by backend (see [`crate::traffic`]).
@@ -1039,9 +1024,8 @@ impl Conntrack {
     }
 
     /// Puts index value `val` (of a flow whose record is already in the slab) into a free way
-    /// of its key's first bucket while that has [`FIRST_BUCKET_ROOM`] free ways, else of the
-    /// less loaded of its two buckets, making room if both are full, and records the position
-    /// in the flow.
+    /// of the less loaded of its key's buckets (the first on a tie), making room if both are
+    /// full, and records the position in the flow.
     #[inline(always)]
     fn place(&mut self, h: u64, val: u32, now: u64) {
         let [b0, b1] = self.buckets(h);
@@ -1049,7 +1033,8 @@ impl Conntrack {
         let (b, free) = if n0 | n1 == 0 {
             let b = self.make_room(b0, b1, slab_index(val), now);
             (b, self.index[b].free())
-        } else if n0 >= n1 || n0 >= FIRST_BUCKET_ROOM {
+        } else if n0 >= n1 {
+            // The less loaded of the two buckets (the power of two choices).
             (b0, f0)
         } else {
             (b1, f1)
@@ -1486,33 +1471,6 @@ mod tests {
         assert!(s.evicted > 0);
         assert_eq!(s.inserted - s.evicted - s.expired - s.removed, ct.len() as u64);
         assert_eq!(ct.conns().active(3) as usize, ct.len());
-    }
-
-    #[test]
-    fn most_keys_are_in_their_first_bucket() {
-        let n = 1 << 17;
-        let mut ct = table(n);
-        for i in 0..n as u32 {
-            ct.insert(Flow::new(key(i), reply(i), 1, 3, 0), 0, 0);
-        }
-        assert_eq!((ct.len(), ct.stats().evicted), (n, 0));
-        let first = (0..n as u32)
-            .flat_map(|i| [key(i), reply(i)])
-            .filter(|k| {
-                let b0 = ct.buckets(ct.hash(k))[0];
-                let tag = tag_of(ct.hash(k));
-                let bk = &ct.index[b0];
-                (0..WAYS).any(|w| {
-                    bk.tags[w] == tag && {
-                        let f = ct.flow(slab_index(bk.vals[w]));
-                        f.orig == *k || f.reply == *k
-                    }
-                })
-            })
-            .count();
-        // 88% (66% with plain two-choice placement).
-        assert!(first * 100 > 2 * n * 85, "{first} of {} keys in their first bucket", 2 * n);
-        ct.check();
     }
 
     #[test]

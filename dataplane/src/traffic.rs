@@ -178,12 +178,13 @@ mod tests {
             Conntrack::new(64, Timeouts::default(), std::sync::Arc::new(ConnCounts::new(8)));
         let key = |sport| FlowKey { src: 1, dst: 2, sport, dport: 53, proto: 17 };
         let rev = |k: FlowKey| FlowKey { src: 9, dst: k.src, sport: 53, dport: k.sport, proto: 17 };
-        let a = ct.insert(Flow::new(key(1), rev(key(1)), 1, 3, 1), 0, 0);
-        ct.add_bytes(a, Dir::Orig, 40);
-        ct.on_packet(a, Dir::Reply, 0, 1);
-        ct.add_bytes(a, Dir::Reply, 100);
-        let b = ct.insert(Flow::new(key(2), rev(key(2)), 1, 3, 1), 0, 0);
-        ct.add_bytes(b, Dir::Orig, 41);
+        let insert = |ct: &mut Conntrack, k: FlowKey, backend, bytes| {
+            let (h, hr) = (ct.hash(&k), ct.hash(&rev(k)));
+            ct.insert_packet(Flow::new(k, rev(k), 1, backend, 1), h, hr, 0, 0, bytes)
+        };
+        let a = insert(&mut ct, key(1), 3, 40);
+        ct.account(a, Dir::Reply, 0, 1, 100);
+        insert(&mut ct, key(2), 3, 41);
         ct.insert(Flow::new(key(3), rev(key(3)), 1, 20, 1), 0, 0);
         let want = |conns, pin, pout, bin, bout| BackendTraffic {
             conns,
