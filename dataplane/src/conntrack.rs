@@ -930,6 +930,14 @@ impl Conntrack {
         None
     }
 
+    /// Whether key `key` (hash `h`) is in the index, for a live flow or an expired one not yet
+    /// removed: [`Conntrack::lookup_hashed`] without its side effect (removing an expired
+    /// flow found), for a caller that leaves every found key to the general path.
+    #[inline(always)]
+    pub fn holds(&self, key: &FlowKey, h: u64) -> bool {
+        self.find(key, h).is_some()
+    }
+
     /// A flow by slab index.
     #[inline(always)]
     pub fn flow(&self, idx: u32) -> &Flow {
@@ -988,38 +996,90 @@ impl Conntrack {
     #[inline]
     pub fn insert_packet(
         &mut self,
-        mut flow: Flow,
+        flow: Flow,
         h_orig: u64,
         h_reply: u64,
         flags: u8,
         now: u64,
         bytes: usize,
     ) -> u32 {
+        self.insert_with(h_orig, h_reply, flags, now, bytes, |f| {
+            *f = flow;
+            f.live = true;
+            f.fins = 0;
+            f.packets_orig = 0;
+            f.packets_reply = 0;
+        })
+    }
+
+    /// A new flow for its first packet, written straight into its slab entry (no record built
+    /// elsewhere and copied): [`Flow::new`]`(orig, reply, service, backend, generation)` with
+    /// next hops `hops` ([`Flow::set_hops`]), inserted as [`Conntrack::insert_packet`] inserts
+    /// it, first packet (`flags`, `bytes`) counted. The keys must not be in use (the new-flow
+    /// fast path of the batch pipeline checks both with [`Conntrack::holds`]). Returns the
+    /// flow's slab index.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub fn insert_new(
+        &mut self,
+        (orig, h_orig): (FlowKey, u64),
+        (reply, h_reply): (FlowKey, u64),
+        (service, backend): (ServiceId, BackendId),
+        generation: u64,
+        hops: [u32; 2],
+        flags: u8,
+        now: u64,
+        bytes: usize,
+    ) -> u32 {
+        self.insert_with(h_orig, h_reply, flags, now, bytes, |f| {
+            *f = Flow::new(orig, reply, service, backend, generation);
+            f.hops = hops;
+        })
+    }
+
+    /// Takes a slab entry (evicting by the clock when none is free), lets `init` write the
+    /// flow into it (every field but the first packet's accounting: `packets_*` 0, `live`),
+    /// accounts the first packet and indexes both keys.
+    #[inline(always)]
+    fn insert_with(
+        &mut self,
+        h_orig: u64,
+        h_reply: u64,
+        flags: u8,
+        now: u64,
+        bytes: usize,
+        init: impl FnOnce(&mut Flow),
+    ) -> u32 {
         let idx = match self.free.pop() {
             Some(i) => i,
-            None => {
-                let v = self.clock_victim(now);
-                self.evict(v, now);
-                self.free.pop().expect("evicting a flow frees its slab entry")
-            }
+            None => self.evict_next(now),
         };
-        flow.live = true;
-        flow.fins = 0;
-        flow.packets_orig = 0;
-        flow.packets_reply = 0;
-        flow.on_packet_ns(Dir::Orig, flags, now, &self.timeouts_ns);
+        let Self { flows, timeouts_ns, .. } = self;
+        let f = &mut flows[idx as usize].0;
+        init(f);
+        f.on_packet_ns(Dir::Orig, flags, now, timeouts_ns);
         // A flow earns its second chance with a later packet, not its first: a flood of
         // one-packet flows then evicts its own kind before any flow in use.
-        flow.recent = false;
-        flow.count_bytes(Dir::Orig, bytes);
-        self.flows[idx as usize].0 = flow;
+        f.recent = false;
+        f.count_bytes(Dir::Orig, bytes);
+        let backend = f.backend;
         self.place(h_orig, idx + 1, now);
         self.place(h_reply, (idx + 1) | REPLY_BIT, now);
-        if flow.backend != 0 {
-            self.conns.inc(flow.backend);
+        if backend != 0 {
+            self.conns.inc(backend);
         }
         self.len += 1;
         self.stats.inserted += 1;
+        idx
+    }
+
+    /// The slab is full: evicts the clock's victim ([`Conntrack::clock_victim`]) and returns
+    /// its entry, now free, for the insert to reuse (not put on the free list).
+    #[inline]
+    fn evict_next(&mut self, now: u64) -> u32 {
+        let idx = self.clock_victim(now);
+        self.count_eviction(idx, now);
+        self.unlink(idx);
         idx
     }
 
@@ -1147,12 +1207,18 @@ impl Conntrack {
     }
 
     fn evict(&mut self, idx: u32, now: u64) {
+        self.count_eviction(idx, now);
+        self.remove_inner(idx);
+    }
+
+    /// Counts the eviction of live flow `idx`: as expired if it was, else as evicted.
+    #[inline(always)]
+    fn count_eviction(&mut self, idx: u32, now: u64) {
         if self.flows[idx as usize].0.expires <= now {
             self.stats.expired += 1;
         } else {
             self.stats.evicted += 1;
         }
-        self.remove_inner(idx);
     }
 
     /// Removes a flow (backend gone, flush, close).
@@ -1164,6 +1230,14 @@ impl Conntrack {
     }
 
     fn remove_inner(&mut self, idx: u32) {
+        self.unlink(idx);
+        self.free.push(idx);
+    }
+
+    /// Takes live flow `idx` out of the index and the counts; its slab entry is then unused
+    /// but not on the free list (the caller puts it there, or reuses it at once).
+    #[inline(always)]
+    fn unlink(&mut self, idx: u32) {
         let f = &mut self.flows[idx as usize].0;
         debug_assert!(f.live);
         f.live = false;
@@ -1184,7 +1258,6 @@ impl Conntrack {
         if backend != 0 {
             self.conns.dec(backend);
         }
-        self.free.push(idx);
         self.len -= 1;
     }
 

@@ -417,8 +417,9 @@ fn process_chunk(
         }
     }
     let (generation, routes) = (tables.generation(), tables.routes());
-    // Packets the fast path sent, and how many of them were replies.
-    let (mut fast_tx, mut reply) = (0u64, 0u64);
+    // Packets the fast paths sent, how many of them were replies, and how many started a
+    // flow.
+    let (mut fast_tx, mut reply, mut fresh_tx) = (0u64, 0u64, 0u64);
     let fast = if w.general_only { 0 } else { COMMON };
     let n = n.min(verdicts.len());
     let (frames, verdicts, lanes) = (&mut frames[..n], &mut verdicts[..n], &lanes[..n]);
@@ -428,10 +429,18 @@ fn process_chunk(
         let (f, v, l) = (&mut frames[i], &mut verdicts[i], &lanes[i]);
         let missed_here = missed_rest & 1 != 0;
         missed_rest >>= 1;
-        if l.bits & fast != 0 && !missed_here {
-            if let Some((ifindex, dir)) = established(f, l, w, generation, routes, now) {
-                fast_tx += 1;
-                reply += dir as u64;
+        if l.bits & fast != 0 {
+            if !missed_here {
+                if let Some((ifindex, dir)) = established(f, l, w, generation, routes, now) {
+                    fast_tx += 1;
+                    reply += dir as u64;
+                    *v = Verdict::Tx { ifindex };
+                    continue;
+                }
+            } else if let Some(ifindex) =
+                fresh(f, l, written(&miss, missed, i), tables, w, routes, now)
+            {
+                fresh_tx += 1;
                 *v = Verdict::Tx { ifindex };
                 continue;
             }
@@ -449,9 +458,10 @@ fn process_chunk(
     }
     let c = &mut w.counters;
     c.rx += n as u64;
-    c.tx += fast_tx;
+    c.tx += fast_tx + fresh_tx;
     c.nat_forward += fast_tx - reply;
     c.nat_reply += reply;
+    c.nat_new += fresh_tx;
 }
 
 /// `miss[i]`, for a frame `i` in `missed`: `process_chunk` writes `miss[i]` for every such
@@ -519,6 +529,80 @@ fn established(
     wire::nat_apply(b, ETH_HLEN, ETH_HLEN + 20, proto, to.src, to.dst, to.sport, to.dport, deltas);
     set_macs(b, hop);
     Some((hop.ifindex, dir))
+}
+
+/// Pass 3's fast path for a new flow: the first packet of a flow in a common frame (as for
+/// [`established`]) whose backend pass 2c picked ahead ([`pick_ahead`]: a pure scheduler, no
+/// session affinity, a flow this worker owns), that needs no source NAT, whose keys are both
+/// unused, that NetworkPolicy allows and whose backend has a next hop. It does what
+/// [`new_flow`] does in that case, with the record built in its slab entry
+/// ([`Conntrack::insert_new`]), and returns the egress interface. `None` (anything else: a
+/// TTL about to expire, a TCP reset, source NAT, a key in use, a policy drop, no route)
+/// changes nothing, and the frame takes the general path.
+#[inline(always)]
+fn fresh(
+    f: &mut Frame<'_>,
+    l: &Lane,
+    m: &Miss<'_>,
+    t: &Tables,
+    w: &mut WorkerState,
+    routes: &crate::tables::Routes,
+    now: u64,
+) -> Option<u32> {
+    let (a, svc) = (m.ahead.pick?, m.svc?);
+    // `h_direct` is 0 for a flow that needs source NAT (or, once in 2^64 flows, a reply key
+    // hashing to 0: the general path then does the same work).
+    if a.h_direct == 0 {
+        return None;
+    }
+    // As in `established`: the headers are in the frame, at constant offsets.
+    let b: &mut [u8; 54] = f.buf.first_chunk_mut()?;
+    if b[ETH_HLEN + 8] <= 1 {
+        return None;
+    }
+    let key = l.key;
+    let flags = if key.proto == IPPROTO_TCP { b[ETH_HLEN + 20 + 13] } else { 0 };
+    if flags & tcp_flags::RST != 0 {
+        return None;
+    }
+    let cand = *svc.candidates().get(usize::from(a.ci))?;
+    // NetworkPolicy sees the backend pod, as in `new_flow`.
+    t.policy().check(key.src, cand.ip, key.proto, cand.port).ok()?;
+    let reply = direct_reply(&key, &cand);
+    // Pass 2 found no tag of the key, but an earlier frame of this chunk may have inserted
+    // it since; and the reply key may be another flow's (then source NAT is needed).
+    if w.ct.holds(&key, l.h) || w.ct.holds(&reply, a.h_direct) {
+        return None;
+    }
+    // Each direction goes to the source of the other's tuple (as `finish_new` sets them).
+    let hops = [hop_index(t, reply.src), hop_index(t, key.src)];
+    let hop = routes.hop(hops[0].wrapping_sub(1))?;
+    let end = l.end as usize;
+    f.len = end;
+    let idx = w.ct.insert_new(
+        (key, l.h),
+        (reply, a.h_direct),
+        (svc.id(), cand.id),
+        t.generation(),
+        hops,
+        flags,
+        now,
+        end - ETH_HLEN,
+    );
+    let (to, deltas) = w.ct.flow(idx).nat(Dir::Orig);
+    wire::nat_apply(
+        b,
+        ETH_HLEN,
+        ETH_HLEN + 20,
+        key.proto,
+        to.src,
+        to.dst,
+        to.sport,
+        to.dport,
+        deltas,
+    );
+    set_macs(b, hop);
+    Some(hop.ifindex)
 }
 
 /// One frame, parsed in pass 1 (`f.len` is already clamped to the buffer): `keyed` is its
