@@ -18,6 +18,10 @@ use dataplane::pipeline::{owner_of, Shared, Verdict, WorkerConfig, WorkerState};
 use dataplane::{Frame, PassReason};
 use kxdp_benches::*;
 
+// The dataplane's allocator: the tables' small allocations on huge pages (`dataplane::mem`).
+#[global_allocator]
+static ALLOC: dataplane::mem::Allocator = dataplane::mem::Allocator;
+
 const FLOWS: usize = 4096;
 
 fn bench(c: &mut Criterion) {

@@ -13,6 +13,10 @@ use dataplane::balance::Algorithm;
 use dataplane::pipeline::Verdict;
 use kxdp_benches::*;
 
+// The dataplane's allocator: the tables' small allocations on huge pages (`dataplane::mem`).
+#[global_allocator]
+static ALLOC: dataplane::mem::Allocator = dataplane::mem::Allocator;
+
 const ENDPOINTS: u32 = 10;
 const FLOWS: u32 = 1_000_000;
 /// Templates cycled through by the established benchmark (random flows among the 1M).

@@ -15,6 +15,10 @@
 use dataplane::balance::Algorithm;
 use kxdp_benches::*;
 
+// The dataplane's allocator: the tables' small allocations on huge pages (`dataplane::mem`).
+#[global_allocator]
+static ALLOC: dataplane::mem::Allocator = dataplane::mem::Allocator;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize, d: u32| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);

@@ -16,10 +16,25 @@
 //! promise is a valid value.
 //!
 //! [`prefetch`] is here too: the other half of living with tables larger than the caches.
+//!
+//! The rest of what the packet path reads at random is made of many small allocations: the
+//! service ports, their candidate lists and scheduler tables, the frontend probe tables, the
+//! per-backend counters. At 10,000 services they span tens of megabytes, and a new flow reaches
+//! several of them through pointers. The system allocator (glibc's) puts them on 4 KiB pages
+//! (with transparent huge pages in `madvise` mode, the common default, it never asks for huge
+//! ones), so each such read may also miss the TLB. The binaries that run the pipeline (the
+//! dataplane, its benchmarks) therefore use [`Allocator`], mimalloc, as their global
+//! allocator: it takes memory from the kernel in 2 MiB-aligned arenas, advised
+//! `MADV_HUGEPAGE`, so those allocations sit on huge pages too. (Measured in
+//! `benches/README.md`, section "Issue 2, sixth session".)
 
 use std::alloc::Layout;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+
+/// The global allocator of the binaries that run the pipeline (see the module docs):
+/// `#[global_allocator] static ALLOC: dataplane::mem::Allocator = dataplane::mem::Allocator;`.
+pub use mimalloc::MiMalloc as Allocator;
 
 /// Size of a transparent huge page on x86-64 and arm64 (4 KiB granule).
 pub const HUGE_PAGE: usize = 2 << 20;

@@ -56,6 +56,10 @@ struct Args {
     log_level: String,
 }
 
+// The dataplane's allocator: the tables' small allocations on huge pages (`dataplane::mem`).
+#[global_allocator]
+static ALLOC: dataplane::mem::Allocator = dataplane::mem::Allocator;
+
 fn main() {
     let args = Args::parse();
     tracing_subscriber::fmt()
