@@ -428,6 +428,19 @@ impl Scheduler {
         )
     }
 
+    /// Whether picks read the backend connection counts (IPVS lc, wlc, sed, nq): only flows
+    /// of such services are counted ([`crate::conntrack::Flow::counted`]).
+    #[inline]
+    pub fn reads_conns(&self) -> bool {
+        matches!(
+            self.algorithm,
+            Algorithm::LeastConnection
+                | Algorithm::WeightedLeastConnection
+                | Algorithm::ShortestExpectedDelay
+                | Algorithm::NeverQueue
+        )
+    }
+
     /// Starts loading what a pick for `key` will read: for random over candidates that all
     /// have a weight (kube-proxy's case: the table is the identity and is skipped), the one
     /// candidate it picks; otherwise the table (Maglev: the one entry `key` selects; the others

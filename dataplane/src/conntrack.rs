@@ -284,6 +284,14 @@ pub struct Flow {
     /// A packet was seen since the flow's first one, or since the eviction hand last passed
     /// it (the second-chance mark of [`Conntrack`]'s clock eviction).
     recent: bool,
+    /// The flow is in the shared backend connection counts ([`ConnCounts`]): set when it is
+    /// created for a service whose scheduler reads them (the least-connection family,
+    /// [`crate::balance::Scheduler::reads_conns`]), so that a flow of any other service (the
+    /// common case) touches no count, shared by every worker, when it starts or ends.
+    /// Inspection counts live flows per backend from the tables themselves
+    /// ([`crate::traffic::backend_totals`]).
+    #[serde(skip)]
+    pub counted: bool,
     /// Tuple as the client sends it.
     pub orig: FlowKey,
     /// Tuple as the backend sends back.
@@ -320,6 +328,7 @@ impl Flow {
         fins: 0,
         live: false,
         recent: false,
+        counted: false,
         nat: [[0; 2]; 2],
         hops: [HOP_UNRESOLVED; 2],
         bytes_orig: 0,
@@ -339,6 +348,13 @@ impl Flow {
         let tuple = |k: &FlowKey| (k.src, k.dst, k.sport, k.dport);
         let nat = nat_deltas_both(tuple(&orig), tuple(&reply));
         Flow { orig, reply, service, backend, generation, live: true, nat, ..Flow::EMPTY }
+    }
+
+    /// This flow, counted in the backend connection counts or not ([`Flow::counted`]).
+    #[inline(always)]
+    pub fn with_count(mut self, counted: bool) -> Self {
+        self.counted = counted;
+        self
     }
 
     /// The tuple a packet of direction `dir` is rewritten to (the reverse of the other
@@ -847,7 +863,9 @@ impl Conntrack {
             }
             if f.backend != 0 {
                 self.retired.prefetch(f.backend);
-                self.conns.prefetch(f.backend);
+                if f.counted {
+                    self.conns.prefetch(f.backend);
+                }
             }
         });
     }
@@ -1017,7 +1035,8 @@ impl Conntrack {
     /// next hops `hops` ([`Flow::set_hops`]), inserted as [`Conntrack::insert_packet`] inserts
     /// it, first packet (`flags`, `bytes`) counted. The keys must not be in use (the new-flow
     /// fast path of the batch pipeline checks both with [`Conntrack::holds`]). Returns the
-    /// flow's slab index.
+    /// flow's slab index. The flow is not in the connection counts ([`Flow::counted`]): the
+    /// fast path creates flows only for schedulers that do not read them.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub fn insert_new(
@@ -1062,10 +1081,10 @@ impl Conntrack {
         // one-packet flows then evicts its own kind before any flow in use.
         f.recent = false;
         f.count_bytes(Dir::Orig, bytes);
-        let backend = f.backend;
+        let (backend, counted) = (f.backend, f.counted);
         self.place(h_orig, idx + 1, now);
         self.place(h_reply, (idx + 1) | REPLY_BIT, now);
-        if backend != 0 {
+        if counted && backend != 0 {
             self.conns.inc(backend);
         }
         self.len += 1;
@@ -1241,7 +1260,7 @@ impl Conntrack {
         let f = &mut self.flows[idx as usize].0;
         debug_assert!(f.live);
         f.live = false;
-        let (slots, backend) = (f.slots, f.backend);
+        let (slots, backend, counted) = (f.slots, f.backend, f.counted);
         if backend != 0 {
             // The flow's traffic stays in its backend's totals (one more line read, per flow).
             self.retired.retire(backend, f);
@@ -1255,7 +1274,7 @@ impl Conntrack {
             bk.vals[w] = 0;
             bk.tags[w] = 0;
         }
-        if backend != 0 {
+        if counted && backend != 0 {
             self.conns.dec(backend);
         }
         self.len -= 1;
@@ -1373,7 +1392,7 @@ mod tests {
     #[test]
     fn both_keys_find_the_flow_and_removal_clears_both() {
         let mut ct = table(64);
-        let i = ct.insert(Flow::new(key(1), reply(1), 1, 3, 0), tcp_flags::SYN, 0);
+        let i = ct.insert(Flow::new(key(1), reply(1), 1, 3, 0).with_count(true), tcp_flags::SYN, 0);
         assert_eq!(ct.lookup(&key(1), 1), Some((i, Dir::Orig)));
         assert_eq!(ct.lookup(&reply(1), 1), Some((i, Dir::Reply)));
         assert_eq!(ct.conns().active(3), 1);
@@ -1388,7 +1407,7 @@ mod tests {
     fn tcp_state_machine_and_timeouts_follow_linux() {
         let mut ct = table(64);
         let t = Timeouts::default();
-        let i = ct.insert(Flow::new(key(1), reply(1), 1, 3, 0), tcp_flags::SYN, 0);
+        let i = ct.insert(Flow::new(key(1), reply(1), 1, 3, 0).with_count(true), tcp_flags::SYN, 0);
         assert_eq!(ct.flow(i).state, State::SynSent);
         assert_eq!(ct.flow(i).expires, u64::from(t.tcp_syn_sent) * S);
         ct.on_packet(i, Dir::Reply, tcp_flags::SYN | tcp_flags::ACK, S);
@@ -1412,7 +1431,7 @@ mod tests {
     #[test]
     fn rst_closes_and_mid_stream_is_picked_up() {
         let mut ct = table(64);
-        let i = ct.insert(Flow::new(key(1), reply(1), 1, 3, 0), tcp_flags::ACK, 0);
+        let i = ct.insert(Flow::new(key(1), reply(1), 1, 3, 0).with_count(true), tcp_flags::ACK, 0);
         assert_eq!(ct.flow(i).state, State::Established);
         ct.on_packet(i, Dir::Reply, tcp_flags::RST, S);
         assert_eq!(ct.flow(i).state, State::Close);
@@ -1426,7 +1445,7 @@ mod tests {
         k.proto = IPPROTO_UDP;
         let mut r = reply(2);
         r.proto = IPPROTO_UDP;
-        let i = ct.insert(Flow::new(k, r, 1, 3, 0), 0, 0);
+        let i = ct.insert(Flow::new(k, r, 1, 3, 0).with_count(true), 0, 0);
         assert_eq!(ct.flow(i).state, State::Unreplied);
         assert_eq!(ct.flow(i).expires, 30 * S);
         ct.on_packet(i, Dir::Reply, 0, S);
@@ -1440,11 +1459,19 @@ mod tests {
     fn full_table_evicts_oldest_and_counts() {
         let mut ct = table(16);
         for n in 0..16 {
-            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, u64::from(n) * S);
+            ct.insert(
+                Flow::new(key(n), reply(n), 1, 3, 0).with_count(true),
+                tcp_flags::SYN,
+                u64::from(n) * S,
+            );
         }
         assert_eq!(ct.len(), 16);
         assert_eq!(ct.conns().active(3), 16);
-        ct.insert(Flow::new(key(100), reply(100), 1, 3, 0), tcp_flags::SYN, 20 * S);
+        ct.insert(
+            Flow::new(key(100), reply(100), 1, 3, 0).with_count(true),
+            tcp_flags::SYN,
+            20 * S,
+        );
         assert_eq!(ct.len(), 16);
         assert_eq!(ct.stats().evicted, 1);
         assert_eq!(ct.conns().active(3), 16);
@@ -1459,7 +1486,11 @@ mod tests {
     fn many_flows_keep_both_keys_consistent() {
         let mut ct = table(4096);
         for n in 0..20_000u32 {
-            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, u64::from(n));
+            ct.insert(
+                Flow::new(key(n), reply(n), 1, 3, 0).with_count(true),
+                tcp_flags::SYN,
+                u64::from(n),
+            );
             assert!(ct.len() <= 4096);
         }
         // Every live flow is found under both keys, and nothing else is.
@@ -1479,7 +1510,7 @@ mod tests {
     fn a_table_holds_its_full_capacity_without_evicting() {
         let mut ct = table(1 << 16);
         for n in 0..(1u32 << 16) {
-            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, 1);
+            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0).with_count(true), tcp_flags::SYN, 1);
         }
         assert_eq!(ct.len(), 1 << 16);
         assert_eq!(ct.stats().evicted, 0);
@@ -1514,7 +1545,7 @@ mod tests {
         for _ in 0..4 {
             let mut ct = table(1 << 15);
             for n in 0..(1u32 << 15) {
-                ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, 1);
+                ct.insert(Flow::new(key(n), reply(n), 1, 3, 0).with_count(true), tcp_flags::SYN, 1);
             }
             assert_eq!(ct.stats().evicted, 0);
             ct.check();
@@ -1528,7 +1559,7 @@ mod tests {
         let mut ct = table(64);
         for n in 0..3000u32 {
             let now = u64::from(n) * S / 10;
-            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, now);
+            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0).with_count(true), tcp_flags::SYN, now);
             if n % 7 == 3 {
                 if let Some((i, _)) = ct.lookup(&key(n - 3), now) {
                     ct.remove(i);
@@ -1550,7 +1581,7 @@ mod tests {
     fn a_flood_of_new_flows_does_not_evict_flows_in_use() {
         let mut ct = table(1024);
         for n in 0..1024u32 {
-            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, 0);
+            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0).with_count(true), tcp_flags::SYN, 0);
         }
         // 100 flows in use, each with a packet every 50 new flows, through a flood of ten
         // tables' worth of one-packet flows.
@@ -1563,7 +1594,7 @@ mod tests {
                     ct.on_packet(i, d, tcp_flags::ACK, now);
                 }
             }
-            ct.insert(Flow::new(key(5000 + m), reply(5000 + m), 1, 3, 0), 0, now);
+            ct.insert(Flow::new(key(5000 + m), reply(5000 + m), 1, 3, 0).with_count(true), 0, now);
         }
         assert_eq!(ct.len(), 1024);
         assert_eq!(ct.stats().evicted, 10_240);
@@ -1584,12 +1615,12 @@ mod tests {
             } else {
                 (udp(n), udp_reply(n), 0)
             };
-            let i = ct.insert(Flow::new(k, r, 1, 3, 0), flags, 0);
+            let i = ct.insert(Flow::new(k, r, 1, 3, 0).with_count(true), flags, 0);
             ct.on_packet(i, Dir::Orig, flags, S);
         }
         let now = 100 * S;
         for n in 0..32u32 {
-            ct.insert(Flow::new(key(1000 + n), reply(1000 + n), 1, 3, 0), 0, now);
+            ct.insert(Flow::new(key(1000 + n), reply(1000 + n), 1, 3, 0).with_count(true), 0, now);
         }
         assert_eq!((ct.stats().expired, ct.stats().evicted), (32, 0));
         assert!((0..64u32).step_by(2).all(|n| ct.lookup(&key(n), now).is_some()));
@@ -1600,19 +1631,22 @@ mod tests {
     fn an_insert_passes_over_a_bounded_number_of_active_flows() {
         let mut ct = table(64);
         for n in 0..64u32 {
-            let i = ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), 0, 0);
+            let i = ct.insert(Flow::new(key(n), reply(n), 1, 3, 0).with_count(true), 0, 0);
             assert_eq!(i, n, "the free list hands out entries in order");
             ct.on_packet(i, Dir::Orig, 0, 1);
         }
         // Every flow is marked: the hand clears CLOCK_SCAN marks, then takes the next flow.
-        let i = ct.insert(Flow::new(key(100), reply(100), 1, 3, 0), 0, 2);
+        let i = ct.insert(Flow::new(key(100), reply(100), 1, 3, 0).with_count(true), 0, 2);
         assert_eq!(i as usize, CLOCK_SCAN);
         assert_eq!(ct.stats().evicted, 1);
         assert!(ct.lookup(&key(CLOCK_SCAN as u32), 3).is_none());
         assert!((0..CLOCK_SCAN).all(|n| !ct.flow(n as u32).recent));
         // Those passed over now go first, in order.
         for n in 0..CLOCK_SCAN as u32 {
-            assert_eq!(ct.insert(Flow::new(key(200 + n), reply(200 + n), 1, 3, 0), 0, 3), n);
+            assert_eq!(
+                ct.insert(Flow::new(key(200 + n), reply(200 + n), 1, 3, 0).with_count(true), 0, 3),
+                n
+            );
         }
         ct.check();
     }
@@ -1622,7 +1656,7 @@ mod tests {
         let mut ct = table(512);
         let mut rng = crate::balance::FastRng::new(5);
         for n in 0..512u32 {
-            let i = ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), 0, 0);
+            let i = ct.insert(Flow::new(key(n), reply(n), 1, 3, 0).with_count(true), 0, 0);
             if rng.next_u64() % 3 != 0 {
                 ct.on_packet(i, Dir::Orig, 0, 1);
             }
@@ -1637,7 +1671,8 @@ mod tests {
             ct.next_victims(k, now, |f| predicted.push(f.orig));
             let mut taken = Vec::new();
             for _ in 0..k {
-                let i = ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), 0, now) as usize;
+                let i = ct.insert(Flow::new(key(n), reply(n), 1, 3, 0).with_count(true), 0, now)
+                    as usize;
                 taken.push(std::mem::replace(&mut held[i], key(n)));
                 n += 1;
                 // Some of the new flows in use again before the hand comes round.
@@ -1695,7 +1730,7 @@ mod tests {
     fn gc_sweeps_expired_flows() {
         let mut ct = table(64);
         for n in 0..10 {
-            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0), tcp_flags::SYN, 0);
+            ct.insert(Flow::new(key(n), reply(n), 1, 3, 0).with_count(true), tcp_flags::SYN, 0);
         }
         assert_eq!(ct.gc(119 * S, 1000), 0);
         assert_eq!(ct.gc(121 * S, 1000), 10);

@@ -550,6 +550,8 @@ fn fresh(
     now: u64,
 ) -> Option<u32> {
     let (a, svc) = (m.ahead.pick?, m.svc?);
+    // Pure schedulers read no connection counts, so the flow is not counted (`insert_new`).
+    debug_assert!(!svc.scheduler().reads_conns());
     // `h_direct` is 0 for a flow that needs source NAT (or, once in 2^64 flows, a reply key
     // hashing to 0: the general path then does the same work).
     if a.h_direct == 0 {
@@ -900,7 +902,7 @@ fn pick_now(
     let pk = pick_key(key, h);
     let ci = svc.scheduler().pick(svc.candidates(), &pk, &w.conns)?;
     let cand = svc.candidates()[usize::from(ci)];
-    w.conns.prefetch(cand.id);
+    // (No connection count to prefetch: a pure scheduler's flows are not counted.)
     let h_direct = if needs_snat(fe, &cand, key) {
         0
     } else {
@@ -1028,7 +1030,8 @@ fn finish_new(
         w.affinity.insert(svc.id(), key.src, backend, now + u64::from(timeout) * NS, now);
     }
     let h_reply = h_reply.unwrap_or_else(|| w.ct.hash(&reply));
-    let mut flow = Flow::new(key, reply, svc.id(), backend, t.generation());
+    let mut flow = Flow::new(key, reply, svc.id(), backend, t.generation())
+        .with_count(svc.scheduler().reads_conns());
     // Both directions' next hops now, as `refresh_flow` would on the flow's next packet (each
     // direction goes to the source of the other's tuple): neither direction's next packet
     // then leaves the fast path, and this one is forwarded as they will be.

@@ -33,6 +33,9 @@ pub struct BackendTraffic {
     pub bytes_in: u64,
     /// Bytes (IP datagrams) from the backend to clients.
     pub bytes_out: u64,
+    /// Flows to the backend in conntrack now (live ones only; 0 for retired counts).
+    #[serde(default)]
+    pub active: u64,
 }
 
 impl BackendTraffic {
@@ -43,6 +46,7 @@ impl BackendTraffic {
         self.packets_out += o.packets_out;
         self.bytes_in += o.bytes_in;
         self.bytes_out += o.bytes_out;
+        self.active += o.active;
     }
 }
 
@@ -112,6 +116,7 @@ impl Traffic {
             packets_out: c[PACKETS_OUT],
             bytes_in: c[BYTES_IN],
             bytes_out: c[BYTES_OUT],
+            active: 0,
         })
     }
 }
@@ -133,6 +138,7 @@ pub fn backend_totals(ct: &Conntrack, ids: &[BackendId]) -> Vec<BackendTraffic> 
                 packets_out: f.packets_reply,
                 bytes_in: f.bytes_orig,
                 bytes_out: f.bytes_reply,
+                active: 1,
             });
         }
     }
@@ -186,18 +192,22 @@ mod tests {
         ct.account(a, Dir::Reply, 0, 1, 100);
         insert(&mut ct, key(2), 3, 41);
         ct.insert(Flow::new(key(3), rev(key(3)), 1, 20, 1), 0, 0);
-        let want = |conns, pin, pout, bin, bout| BackendTraffic {
+        let want = |conns, pin, pout, bin, bout, active| BackendTraffic {
             conns,
             packets_in: pin,
             packets_out: pout,
             bytes_in: bin,
             bytes_out: bout,
+            active,
         };
-        assert_eq!(backend_totals(&ct, &[3, 5]), [want(2, 2, 1, 81, 100), want(0, 0, 0, 0, 0)]);
-        // A removed flow's counts stay with its backend.
+        assert_eq!(
+            backend_totals(&ct, &[3, 5]),
+            [want(2, 2, 1, 81, 100, 2), want(0, 0, 0, 0, 0, 0)]
+        );
+        // A removed flow's counts stay with its backend; it is no longer active.
         ct.remove(a);
-        assert_eq!(backend_totals(&ct, &[3]), [want(2, 2, 1, 81, 100)]);
-        assert_eq!(ct.retired().get(3), want(1, 1, 1, 40, 100));
+        assert_eq!(backend_totals(&ct, &[3]), [want(2, 2, 1, 81, 100, 1)]);
+        assert_eq!(ct.retired().get(3), want(1, 1, 1, 40, 100, 0));
         // Backend 20 is beyond the retired array: live flows count, retired ones cannot.
         assert_eq!(backend_totals(&ct, &[20])[0].conns, 1);
     }

@@ -9,17 +9,23 @@ use common::*;
 use dataplane::balance::Algorithm;
 use dataplane::counters::DropReason as D;
 use dataplane::pipeline::Verdict;
-use dataplane::tables::{Protocol, ServicePort};
+use dataplane::tables::{Protocol, ServicePort, Tables};
 
-#[test]
-fn removed_backend_resets_tcp_and_rebalances_udp_at_once() {
-    let t1 = builder(1)
+/// The standard tables with dns balanced by least connection (one backend, so the same
+/// picks): its flows are in the connection counts.
+fn tables_lc_dns() -> Tables {
+    builder(1)
         .service(ServicePort::new(
-            spec(2, "demo/dns:dns", Protocol::Udp, Algorithm::Random),
+            spec(2, "demo/dns:dns", Protocol::Udp, Algorithm::LeastConnection),
             vec![backend(21, DNS_BACKEND, 5353)],
         ))
         .unwrap()
-        .build();
+        .build()
+}
+
+#[test]
+fn removed_backend_resets_tcp_and_rebalances_udp_at_once() {
+    let t1 = tables_lc_dns();
     let mut w = worker();
     // A TCP flow and a UDP flow, both established.
     let syn = tcp(FROM_CLIENT, CLIENT, 41000, WEB_VIP, 80, 64, "S", 1, 0, b"");
@@ -36,7 +42,7 @@ fn removed_backend_resets_tcp_and_rebalances_udp_at_once() {
     )))
     .unwrap();
     b.upsert_service(std::sync::Arc::new(ServicePort::new(
-        spec(2, "demo/dns:dns", Protocol::Udp, Algorithm::Random),
+        spec(2, "demo/dns:dns", Protocol::Udp, Algorithm::LeastConnection),
         vec![backend(22, DNS_BACKEND2, 5353)],
     )))
     .unwrap();
@@ -62,6 +68,31 @@ fn removed_backend_resets_tcp_and_rebalances_udp_at_once() {
     assert_eq!(w.ct.conns().active(11), 0);
     assert_eq!(w.ct.conns().active(21), 0);
     assert_eq!(w.ct.conns().active(22), 1);
+}
+
+#[test]
+fn only_flows_of_least_connection_services_are_counted() {
+    // Random (web) reads no connection counts: its flows stay out of them, so starting and
+    // ending one touches no count shared by the workers. Least connection (dns) counts its
+    // flows from the first packet until they leave conntrack.
+    let t = tables_lc_dns();
+    let mut w = worker();
+    let syn = tcp(FROM_CLIENT, CLIENT, 41000, WEB_VIP, 80, 64, "S", 1, 0, b"");
+    assert_eq!(run(&t, &mut w, IF_CLIENT, &syn, 0).0, Verdict::Tx { ifindex: IF_BACKENDS });
+    for port in [41001, 41002] {
+        let q = udp(FROM_CLIENT, CLIENT, port, DNS_VIP, 53, 64, b"q");
+        assert_eq!(run(&t, &mut w, IF_CLIENT, &q, 0).0, Verdict::Tx { ifindex: IF_BACKENDS });
+    }
+    // A NodePort flow (random too) is source-NATed, which the general path does.
+    let np = tcp(FROM_CLIENT, CLIENT, 41003, NODE_IP, NP_PORT, 64, "S", 1, 0, b"");
+    assert_eq!(run(&t, &mut w, IF_CLIENT, &np, 0).0, Verdict::Tx { ifindex: IF_BACKENDS });
+    assert_eq!(w.counters.snat_flows, 1);
+    assert_eq!(w.ct.len(), 4);
+    assert_eq!(w.ct.conns().active(11), 0, "random: not counted");
+    assert_eq!(w.ct.conns().active(21), 2, "least connection: counted");
+    // Expired and swept, the counted flows leave the counts.
+    w.ct.gc(200 * S, 1 << 20);
+    assert_eq!(w.ct.conns().active(21), 0);
 }
 
 #[test]

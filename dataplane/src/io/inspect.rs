@@ -30,7 +30,6 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::worker::WorkerStats;
-use crate::balance::ConnCounts;
 use crate::capture::{Capture, CaptureFilter};
 use crate::conntrack::{Dir, Flow, FlowKey, State};
 use crate::counters::{Counters, DropReason, PassReason};
@@ -236,7 +235,7 @@ pub struct BackendInfo {
     pub local: bool,
     /// New flows may be scheduled to it.
     pub selectable: bool,
-    /// Connections open now (all workers).
+    /// Connections open now (all workers): flows to it in conntrack.
     pub active_conns: u32,
     /// Traffic since start.
     pub traffic: BackendTraffic,
@@ -630,8 +629,6 @@ pub struct Context {
     pub stats: Vec<Arc<WorkerStats>>,
     /// Workers' request channels, by worker index.
     pub workers: Vec<Sender<WorkerRequest>>,
-    /// Shared backend connection counts.
-    pub conns: Arc<ConnCounts>,
     /// The capture session.
     pub capture: Arc<Capture>,
 }
@@ -717,7 +714,9 @@ impl Context {
                         terminating: b.terminating,
                         local: b.local,
                         selectable: s.is_selectable(b.id),
-                        active_conns: self.conns.active(b.id),
+                        active_conns: by_id
+                            .get(&b.id)
+                            .map_or(0, |t| u32::try_from(t.active).unwrap_or(u32::MAX)),
                         traffic: by_id.get(&b.id).copied().unwrap_or_default(),
                     })
                     .collect();

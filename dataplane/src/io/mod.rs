@@ -546,7 +546,6 @@ impl Dataplane {
             applier: dp.applier.clone(),
             stats: dp.stats.clone(),
             workers: requests,
-            conns: shared.conns.clone(),
             capture,
         }));
         if let Err(e) = dp.start_ops() {
