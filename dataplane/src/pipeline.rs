@@ -196,11 +196,12 @@ const CHUNK: usize = 64;
 ///      ([`Conntrack::prefetch_evictions`]); where the scheduler's pick is a pure function of
 ///      the packet (random, sh, dh, Maglev, without session affinity), pick now, hash the
 ///      reply key the new flow would have and prefetch its conntrack index lines (checked for
-///      a clash) and the backend's connection count;
+///      a clash);
 /// 3. process each frame in order, reusing the parse, the hash, the frontend and the pick; a
 ///    packet of a known flow in a common frame takes a fast path ([`established`]) that
-///    confirms pass 2's tag match instead of searching again, and falls back to the general
-///    path for anything unusual.
+///    confirms pass 2's tag match instead of searching again, the first packet of a new flow
+///    whose backend pass 2c picked takes another (`fresh`) that writes the flow's record in
+///    place, and both fall back to the general path for anything unusual.
 ///
 /// The early passes read the frames and the tables but change nothing (and the tables do not
 /// change during a batch), so the result is the same as processing the frames one by one.
