@@ -250,7 +250,9 @@ impl PickKey {
     }
 }
 
-/// Per-backend connection counts shared by all workers, indexed by backend id.
+/// Per-backend connection counts shared by all workers, indexed by backend id: the flows of
+/// services whose scheduler reads them ([`Scheduler::reads_conns`]; see
+/// [`crate::conntrack::Flow::counted`]).
 pub struct ConnCounts {
     active: Box<[AtomicU32]>,
 }
