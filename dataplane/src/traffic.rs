@@ -11,13 +11,15 @@
 //! Counted as `ipvsadm --stats` counts: connections are flows scheduled to the backend;
 //! packets and bytes (IP datagram length) of translated flows, "in" from clients to the
 //! backend, "out" from the backend back. A backend id above the capacity is not counted. The
-//! array is allocated zeroed, so the pages of ids never used are never touched; each backend's
-//! counters sit at the start of a cache line of their own (64 bytes per id), so retiring a flow
-//! writes one line.
+//! arrays are allocated zeroed, so the pages of ids never used are never touched. Retiring a
+//! flow writes one 16-byte record of narrow counters (four backends to a cache line); a
+//! backend's wide counters (a 64-byte line of its own) take over the narrow ones only when one
+//! would overflow.
 
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::{Conntrack, Flow};
+use crate::mem::{HugeArray, Zeroable};
 use crate::tables::BackendId;
 
 /// One backend's counters.
@@ -50,17 +52,44 @@ impl BackendTraffic {
     }
 }
 
-/// A worker's counters for backend ids `0..capacity`: per id `[conns, packets_in, packets_out,
-/// bytes_in, bytes_out]` at the start of its own 64-byte line (so retiring a flow touches one
-/// line, not two as 40-byte records straddling lines would 60% of the time), in a plain `u64`
-/// array so that the allocation is a zeroed one (`calloc`: pages of ids never used are never
-/// touched), whose first line boundary is where id 0 starts.
+/// A worker's counters for backend ids `0..capacity`, in two arrays:
+/// - wide: per id `[conns, packets_in, packets_out, bytes_in, bytes_out]` as `u64`s at the
+///   start of its own 64-byte line (a spill touches one line, not two as 40-byte records
+///   straddling lines would 60% of the time), in a plain `u64` array so that the allocation is
+///   a zeroed one (`calloc`: pages of ids never used are never touched), whose first line
+///   boundary is where id 0 starts;
+/// - narrow: per id a 16-byte record ([`Narrow`]), which retiring a flow writes. At 100,000
+///   backends it is 1.6 MB against 6.4 MB of wide lines, so the record an eviction updates is
+///   more often still in cache (section "Issue 2, sixth session" of `benches/README.md`). A
+///   retirement that would overflow a narrow counter first moves the backend's narrow counts,
+///   and its own, into the wide line ("spills").
+///
+/// [`Traffic::get`] adds both, so totals are exact at any moment.
 pub struct Traffic {
     words: Box<[u64]>,
     /// Index in `words` of id 0's line.
     first: usize,
     capacity: usize,
+    /// Per backend id, the counts not yet spilled into `words`.
+    narrow: HugeArray<Narrow>,
 }
+
+/// One backend's recent retirements, in counters narrow enough that four backends share a
+/// cache line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C, align(16))]
+struct Narrow {
+    bytes_in: u32,
+    bytes_out: u32,
+    packets_in: u16,
+    packets_out: u16,
+    conns: u16,
+}
+
+// SAFETY: integers only; all-zero is no count.
+unsafe impl Zeroable for Narrow {}
+
+const _: () = assert!(std::mem::size_of::<Narrow>() == 16);
 
 /// `u64`s per backend: one cache line.
 const STRIDE: usize = 8;
@@ -77,7 +106,7 @@ impl Traffic {
         let words = vec![0u64; (capacity + 1) * STRIDE].into_boxed_slice();
         let misalign = (words.as_ptr() as usize % 64) / 8;
         let first = (STRIDE - misalign) % STRIDE;
-        Self { words, first, capacity }
+        Self { words, first, capacity, narrow: HugeArray::zeroed(capacity) }
     }
 
     /// The counters of `backend`, if in range.
@@ -90,34 +119,59 @@ impl Traffic {
     /// Starts loading the counters of `backend` (a flow of it is about to be retired).
     #[inline(always)]
     pub fn prefetch(&self, backend: BackendId) {
-        let p = self.words.as_ptr().wrapping_add(self.first + backend as usize * STRIDE);
-        crate::mem::prefetch(p);
+        crate::mem::prefetch(self.narrow.as_ptr().wrapping_add(backend as usize));
     }
 
-    /// Adds a removed flow's counts to its backend's.
+    /// Adds a removed flow's counts to its backend's (in the narrow record, or through a
+    /// spill when one of them would overflow there).
     #[inline]
     pub fn retire(&mut self, backend: BackendId, f: &Flow) {
-        let i = backend as usize;
-        if i < self.capacity {
-            let c = &mut self.words[self.first + i * STRIDE..][..5];
-            c[CONNS] += 1;
-            c[PACKETS_IN] += f.packets_orig;
-            c[PACKETS_OUT] += f.packets_reply;
-            c[BYTES_IN] += f.bytes_orig;
-            c[BYTES_OUT] += f.bytes_reply;
+        let Some(n) = self.narrow.get_mut(backend as usize) else {
+            return;
+        };
+        // The sums, wide (a flow's counts are far below 2^63, as the wide line's are).
+        let bytes = [u64::from(n.bytes_in) + f.bytes_orig, u64::from(n.bytes_out) + f.bytes_reply];
+        let packets =
+            [u64::from(n.packets_in) + f.packets_orig, u64::from(n.packets_out) + f.packets_reply];
+        if (bytes[0] | bytes[1]) >> 32 == 0
+            && (packets[0] | packets[1]) >> 16 == 0
+            && n.conns < u16::MAX
+        {
+            // Each sum fits its field (checked just above).
+            (n.bytes_in, n.bytes_out) = (bytes[0] as u32, bytes[1] as u32);
+            (n.packets_in, n.packets_out) = (packets[0] as u16, packets[1] as u16);
+            n.conns += 1;
+        } else {
+            self.spill(backend as usize, f);
         }
+    }
+
+    /// Moves backend `i`'s narrow counts, plus flow `f`'s, into its wide line.
+    #[cold]
+    #[inline(never)]
+    fn spill(&mut self, i: usize, f: &Flow) {
+        let n = std::mem::take(&mut self.narrow[i]);
+        let c = &mut self.words[self.first + i * STRIDE..][..5];
+        c[CONNS] += u64::from(n.conns) + 1;
+        c[PACKETS_IN] += u64::from(n.packets_in) + f.packets_orig;
+        c[PACKETS_OUT] += u64::from(n.packets_out) + f.packets_reply;
+        c[BYTES_IN] += u64::from(n.bytes_in) + f.bytes_orig;
+        c[BYTES_OUT] += u64::from(n.bytes_out) + f.bytes_reply;
     }
 
     /// The counters of `backend` (zero when out of range).
     pub fn get(&self, backend: BackendId) -> BackendTraffic {
-        self.line(backend).map_or_else(BackendTraffic::default, |c| BackendTraffic {
-            conns: c[CONNS],
-            packets_in: c[PACKETS_IN],
-            packets_out: c[PACKETS_OUT],
-            bytes_in: c[BYTES_IN],
-            bytes_out: c[BYTES_OUT],
+        let (Some(c), Some(n)) = (self.line(backend), self.narrow.get(backend as usize)) else {
+            return BackendTraffic::default();
+        };
+        BackendTraffic {
+            conns: c[CONNS] + u64::from(n.conns),
+            packets_in: c[PACKETS_IN] + u64::from(n.packets_in),
+            packets_out: c[PACKETS_OUT] + u64::from(n.packets_out),
+            bytes_in: c[BYTES_IN] + u64::from(n.bytes_in),
+            bytes_out: c[BYTES_OUT] + u64::from(n.bytes_out),
             active: 0,
-        })
+        }
     }
 }
 
@@ -174,6 +228,40 @@ mod tests {
             let others: u64 = (0..capacity as BackendId - 1).map(|id| t.get(id).conns).sum();
             assert_eq!(others, 0);
         }
+    }
+
+    #[test]
+    fn narrow_counters_spill_into_exact_totals() {
+        // Flows whose counts overflow each narrow counter (a 5 GB flow, a 70,000-packet one,
+        // 70,000 one-packet flows), mixed with small ones: every total is the plain sum.
+        let mut t = Traffic::new(4);
+        let mut want = BackendTraffic::default();
+        let mut retire = |t: &mut Traffic, pin: u64, pout: u64, bin: u64, bout: u64| {
+            let mut f =
+                crate::conntrack::Flow::new(Default::default(), Default::default(), 1, 2, 0);
+            (f.packets_orig, f.packets_reply, f.bytes_orig, f.bytes_reply) = (pin, pout, bin, bout);
+            t.retire(2, &f);
+            want.merge(&BackendTraffic {
+                conns: 1,
+                packets_in: pin,
+                packets_out: pout,
+                bytes_in: bin,
+                bytes_out: bout,
+                active: 0,
+            });
+            assert_eq!(t.get(2), want);
+        };
+        retire(&mut t, 3, 2, 500, 900);
+        retire(&mut t, 4_000_000, 3_000_000, 5_000_000_000, 1);
+        retire(&mut t, 70_000, 1, 10, 6_000_000_000);
+        retire(&mut t, 1, 70_000, 4_294_967_295, 4_294_967_295);
+        for n in 0..70_000u64 {
+            retire(&mut t, 1, n % 2, 60, 40 * (n % 3));
+        }
+        assert_eq!(t.get(2).conns, 70_004);
+        assert_eq!(t.get(1), BackendTraffic::default(), "other backends untouched");
+        assert!(t.narrow[2].conns > 0, "recent counts are narrow");
+        assert!(t.line(2).unwrap()[CONNS] > 0, "older ones spilled");
     }
 
     #[test]
