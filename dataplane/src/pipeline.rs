@@ -577,8 +577,7 @@ fn fresh(
     if w.ct.holds(&key, l.h) || w.ct.holds(&reply, a.h_direct) {
         return None;
     }
-    // Each direction goes to the source of the other's tuple (as `finish_new` sets them).
-    let hops = [hop_index(t, reply.src), hop_index(t, key.src)];
+    let hops = flow_hops(t, &key, &reply);
     let hop = routes.hop(hops[0].wrapping_sub(1))?;
     let end = l.end as usize;
     f.len = end;
@@ -863,8 +862,7 @@ fn refresh_flow(
             return Err(Verdict::Drop(reason));
         }
     }
-    // Each direction is forwarded to the source of the other direction's tuple.
-    let hops = [hop_index(t, fl.reply.src), hop_index(t, fl.orig.src)];
+    let hops = flow_hops(t, &fl.orig, &fl.reply);
     w.ct.flow_mut(idx).set_hops(t.generation(), hops);
     Ok(())
 }
@@ -1036,11 +1034,18 @@ fn finish_new(
     // Both directions' next hops now, as `refresh_flow` would on the flow's next packet (each
     // direction goes to the source of the other's tuple): neither direction's next packet
     // then leaves the fast path, and this one is forwarded as they will be.
-    flow.set_hops(t.generation(), [hop_index(t, reply.src), hop_index(t, key.src)]);
+    flow.set_hops(t.generation(), flow_hops(t, &key, &reply));
     w.ct.insert_packet(flow, h, h_reply, flags, now, o.end - o.l3);
     w.counters.nat_new += 1;
     let (to, deltas) = flow.nat(Dir::Orig);
     translate(f, o, t, &to, deltas, flow.hop(Dir::Orig))
+}
+
+/// Both directions' [`Flow::hop`] values (orig, reply) of a flow with tuples `orig` and
+/// `reply` in tables `t`: each direction goes to the source of the other's tuple.
+#[inline(always)]
+fn flow_hops(t: &Tables, orig: &FlowKey, reply: &FlowKey) -> [u32; 2] {
+    [hop_index(t, reply.src), hop_index(t, orig.src)]
 }
 
 /// [`Flow::hop`]'s value for the route to `dst` in tables `t`.

@@ -704,20 +704,21 @@ impl Context {
                 let backends: Vec<BackendInfo> = s
                     .backends()
                     .iter()
-                    .map(|b| BackendInfo {
-                        id: b.id,
-                        ip: b.ip,
-                        port: b.port,
-                        weight: b.weight,
-                        ready: b.ready,
-                        serving: b.serving,
-                        terminating: b.terminating,
-                        local: b.local,
-                        selectable: s.is_selectable(b.id),
-                        active_conns: by_id
-                            .get(&b.id)
-                            .map_or(0, |t| u32::try_from(t.active).unwrap_or(u32::MAX)),
-                        traffic: by_id.get(&b.id).copied().unwrap_or_default(),
+                    .map(|b| {
+                        let traffic = by_id.get(&b.id).copied().unwrap_or_default();
+                        BackendInfo {
+                            id: b.id,
+                            ip: b.ip,
+                            port: b.port,
+                            weight: b.weight,
+                            ready: b.ready,
+                            serving: b.serving,
+                            terminating: b.terminating,
+                            local: b.local,
+                            selectable: s.is_selectable(b.id),
+                            active_conns: u32::try_from(traffic.active).unwrap_or(u32::MAX),
+                            traffic,
+                        }
                     })
                     .collect();
                 let mut sum = BackendTraffic::default();
