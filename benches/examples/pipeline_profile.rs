@@ -48,6 +48,7 @@ fn main() {
             .collect(),
     );
     let mut tx = 0usize;
+    let cpu_before = cpu_times();
     let start = std::time::Instant::now();
     for b in 0..batches as usize {
         let j = (b * BATCH) % templates;
@@ -66,8 +67,34 @@ fn main() {
         tx += v.iter().filter(|v| matches!(v, dataplane::pipeline::Verdict::Tx { .. })).count();
     }
     let el = start.elapsed();
+    // The share of the run the hypervisor gave this CPU to someone else (shared machines): a
+    // round with much of it is a slow round for reasons outside the code.
+    let steal = match (cpu_before, cpu_times()) {
+        (Some((c0, s0)), Some((c1, s1))) if c0 == c1 => {
+            format!(
+                ", steal {:.1}%",
+                (s1 - s0) as f64 * 1e9 / TICKS_PER_S / el.as_nanos() as f64 * 100.0
+            )
+        }
+        _ => String::new(),
+    };
     println!(
-        "{scenario} services={services} flows={flows}: {batches} batches, {tx} tx, {:.1} ns/packet",
+        "{scenario} services={services} flows={flows}: {batches} batches, {tx} tx, {:.1} ns/packet{steal}",
         el.as_nanos() as f64 / (batches as f64 * BATCH as f64)
     );
+}
+
+/// Clock ticks per second of `/proc/stat` (`USER_HZ`, 100 on Linux).
+const TICKS_PER_S: f64 = 100.0;
+
+/// The CPU this thread runs on and its steal time so far, in ticks (`/proc/stat`), if known.
+fn cpu_times() -> Option<(usize, u64)> {
+    // SAFETY: `sched_getcpu` has no preconditions.
+    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).ok()?;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let name = format!("cpu{cpu} ");
+    let line = stat.lines().find(|l| l.starts_with(&name))?;
+    // Fields after the name: user nice system idle iowait irq softirq steal ...
+    let steal = line.split_whitespace().nth(8)?.parse().ok()?;
+    Some((cpu, steal))
 }
