@@ -6,13 +6,26 @@
 //!     target/release/examples/pipeline_profile established 10000 65536 2000
 //! ```
 //!
-//! Arguments: scenario (`established`, `new_flow`, or `copy`: the frame copy alone), services, conntrack flows, batches, and
-//! optionally the number of distinct template frames cycled through (default 32,768, as the
-//! criterion benchmark: with 1M flows that touches about 8 MB of conntrack, which a large L3
-//! holds; pass the flow count to touch the whole table). The set-up is the criterion benchmark's (`benches/pipeline.rs`), with a smaller table by default
-//! so a callgrind run takes seconds and its instruction counts do not depend on the caches.
+//! Arguments: scenario (`established`, `new_flow`, or `copy`: the frame copy alone), services,
+//! conntrack flows, batches, and optionally the number of distinct template frames cycled
+//! through (default 32,768, as the criterion benchmark: with 1M flows that touches about 8 MB
+//! of conntrack, which a large L3 holds; pass the flow count to touch the whole table). The
+//! set-up is the criterion benchmark's (`benches/pipeline.rs`), with a smaller table by
+//! default so a callgrind run takes seconds and its instruction counts do not depend on the
+//! caches.
+//!
+//! `spread-new_flow` and `spread-established` measure the spread from one service to
+//! `services` in one process: both set-ups are built, then phases of `batches` batches
+//! alternate between them (one, many, many, one, ...) for `rounds` rounds (the sixth
+//! argument, default 20). A shared machine's speed drifts over seconds; phases of a few tens
+//! of milliseconds side by side see the same machine, so the ratio of each round is far
+//! steadier than that of separate runs. It prints each round's ratio and their median.
+
+use std::time::{Duration, Instant};
 
 use dataplane::balance::Algorithm;
+use dataplane::pipeline::{Verdict, WorkerState};
+use dataplane::tables::Tables;
 use kxdp_benches::*;
 
 // The dataplane's allocator: the tables' small allocations on huge pages (`dataplane::mem`).
@@ -26,47 +39,14 @@ fn main() {
     let services = arg(2, 10_000);
     let flows = arg(3, 65_536);
     let batches = arg(4, 2_000);
-    let t = tables(services, 10, Algorithm::Random);
-    let mut w = worker(flows as usize, (services * 10) as usize);
-    let mut batch = Batch::new();
-    let per_client = 50_000;
-    let flow = |n: u32| {
-        udp_frame(client_ip(n / per_client), 1024 + (n % per_client) as u16, vip(n % services), 53)
-    };
-    let mut n = 0;
-    while n < flows {
-        let templates: Vec<Vec<u8>> = (n..(n + BATCH as u32).min(flows)).map(flow).collect();
-        batch.run(&templates, &t, &mut w, 0);
-        n += BATCH as u32;
-    }
-    let mut rng = dataplane::balance::FastRng::new(7);
     let templates = (arg(5, 64 * 512) as usize).max(BATCH).next_multiple_of(BATCH);
-    let (est, news): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (
-        (0..templates).map(|_| flow(rng.next_u64() as u32 % flows)).collect(),
-        (0..templates as u32)
-            .map(|k| udp_frame(client_ip(1000 + k), 1024, vip(k % services), 53))
-            .collect(),
-    );
-    let mut tx = 0usize;
-    let cpu_before = cpu_times();
-    let start = std::time::Instant::now();
-    for b in 0..batches as usize {
-        let j = (b * BATCH) % templates;
-        let v = match scenario.as_str() {
-            "new_flow" => {
-                let port = 2048 + ((b * BATCH) / templates) as u16;
-                batch.run_with_sport(&news[j..j + BATCH], Some(port), &t, &mut w, 2)
-            }
-            // The benchmark's own frame copy alone (what `established` costs besides the pipeline).
-            "copy" => {
-                tx += batch.copy_only(&est[j..j + BATCH], None);
-                continue;
-            }
-            _ => batch.run(&est[j..j + BATCH], &t, &mut w, 1),
-        };
-        tx += v.iter().filter(|v| matches!(v, dataplane::pipeline::Verdict::Tx { .. })).count();
+    if let Some(kind) = scenario.strip_prefix("spread-") {
+        spread(kind, services, flows, batches, templates, arg(6, 20));
+        return;
     }
-    let el = start.elapsed();
+    let mut s = Setup::new(services, flows, templates);
+    let cpu_before = cpu_times();
+    let (el, tx) = s.run(&scenario, batches);
     // The share of the run the hypervisor gave this CPU to someone else (shared machines): a
     // round with much of it is a slow round for reasons outside the code.
     let steal = match (cpu_before, cpu_times()) {
@@ -80,8 +60,127 @@ fn main() {
     };
     println!(
         "{scenario} services={services} flows={flows}: {batches} batches, {tx} tx, {:.1} ns/packet{steal}",
-        el.as_nanos() as f64 / (batches as f64 * BATCH as f64)
+        per_packet(el, batches)
     );
+}
+
+/// One benchmark set-up: tables, a worker whose conntrack holds `flows` flows, and the
+/// template frames.
+struct Setup {
+    t: Tables,
+    w: WorkerState,
+    batch: Batch,
+    /// Frames of established flows.
+    est: Vec<Vec<u8>>,
+    /// Frames of new flows (their source port is set per pass over the templates).
+    news: Vec<Vec<u8>>,
+    /// Batches run so far (where the next run starts in the templates).
+    done: usize,
+}
+
+impl Setup {
+    fn new(services: u32, flows: u32, templates: usize) -> Self {
+        let t = tables(services, 10, Algorithm::Random);
+        let mut w = worker(flows as usize, (services * 10) as usize);
+        let mut batch = Batch::new();
+        let per_client = 50_000;
+        let flow = |n: u32| {
+            udp_frame(
+                client_ip(n / per_client),
+                1024 + (n % per_client) as u16,
+                vip(n % services),
+                53,
+            )
+        };
+        let mut n = 0;
+        while n < flows {
+            let templates: Vec<Vec<u8>> = (n..(n + BATCH as u32).min(flows)).map(flow).collect();
+            batch.run(&templates, &t, &mut w, 0);
+            n += BATCH as u32;
+        }
+        let mut rng = dataplane::balance::FastRng::new(7);
+        let est = (0..templates).map(|_| flow(rng.next_u64() as u32 % flows)).collect();
+        let news = (0..templates as u32)
+            .map(|k| udp_frame(client_ip(1000 + k), 1024, vip(k % services), 53))
+            .collect();
+        Self { t, w, batch, est, news, done: 0 }
+    }
+
+    /// Runs `batches` batches of `scenario`; returns the time taken and the frames sent.
+    fn run(&mut self, scenario: &str, batches: u32) -> (Duration, usize) {
+        let Self { t, w, batch, est, news, done } = self;
+        let templates = est.len();
+        let mut tx = 0usize;
+        let start = Instant::now();
+        for b in *done..*done + batches as usize {
+            let j = (b * BATCH) % templates;
+            let v = match scenario {
+                "new_flow" => {
+                    let port = 2048 + ((b * BATCH) / templates) as u16;
+                    batch.run_with_sport(&news[j..j + BATCH], Some(port), t, w, 2)
+                }
+                // The benchmark's own frame copy alone (what `established` costs besides the
+                // pipeline).
+                "copy" => {
+                    tx += batch.copy_only(&est[j..j + BATCH], None);
+                    continue;
+                }
+                _ => batch.run(&est[j..j + BATCH], t, w, 1),
+            };
+            tx += v.iter().filter(|v| matches!(v, Verdict::Tx { .. })).count();
+        }
+        let el = start.elapsed();
+        *done += batches as usize;
+        (el, tx)
+    }
+}
+
+/// Nanoseconds per packet of `batches` batches run in `el`.
+fn per_packet(el: Duration, batches: u32) -> f64 {
+    el.as_nanos() as f64 / (f64::from(batches) * BATCH as f64)
+}
+
+/// The `spread-*` scenarios: one service against `services`, phases alternated.
+fn spread(kind: &str, services: u32, flows: u32, batches: u32, templates: usize, rounds: u32) {
+    let mut one = Setup::new(1, flows, templates);
+    let mut many = Setup::new(services, flows, templates);
+    // A first phase of each, untimed: both tables and code warm.
+    one.run(kind, batches);
+    many.run(kind, batches);
+    let (mut ns_one, mut ns_many, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rounds {
+        // One, many, then many, one: a drift within a round weighs on both alike.
+        let (a, b) = if r % 2 == 0 {
+            let a = per_packet(one.run(kind, batches).0, batches);
+            (a, per_packet(many.run(kind, batches).0, batches))
+        } else {
+            let b = per_packet(many.run(kind, batches).0, batches);
+            (per_packet(one.run(kind, batches).0, batches), b)
+        };
+        println!(
+            "round {r}: 1 service {a:.1} ns/packet, {services} services {b:.1}, ratio {:.3}",
+            b / a
+        );
+        ns_one.push(a);
+        ns_many.push(b);
+        ratios.push(b / a);
+    }
+    println!(
+        "{kind} spread 1 -> {services} services (flows={flows}, {batches} batches a phase, {rounds} rounds): \
+         medians {:.1} / {:.1} ns/packet, median ratio {:.3}",
+        median(&mut ns_one),
+        median(&mut ns_many),
+        median(&mut ratios)
+    );
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Clock ticks per second of `/proc/stat` (`USER_HZ`, 100 on Linux).
