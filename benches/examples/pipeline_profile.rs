@@ -17,9 +17,10 @@
 //! `spread-new_flow` and `spread-established` measure the spread from one service to
 //! `services` in one process: both set-ups are built, then phases of `batches` batches
 //! alternate between them (one, many, many, one, ...) for `rounds` rounds (the sixth
-//! argument, default 20). A shared machine's speed drifts over seconds; phases of a few tens
-//! of milliseconds side by side see the same machine, so the ratio of each round is far
-//! steadier than that of separate runs. It prints each round's ratio and their median.
+//! argument, default 20). A shared machine's speed drifts over seconds to minutes; phases of
+//! a few tens of milliseconds, alternated, put that drift on both sides alike. Single rounds
+//! still vary (on the development machine, ratios of 1.0 to 1.2 within one run), so it
+//! prints each round's ratio and their median, and several runs are worth comparing.
 
 use std::time::{Duration, Instant};
 
