@@ -42,7 +42,11 @@ fn main() {
     let batches = arg(4, 2_000);
     let templates = (arg(5, 64 * 512) as usize).max(BATCH).next_multiple_of(BATCH);
     if let Some(kind) = scenario.strip_prefix("spread-") {
-        spread(kind, services, flows, batches, templates, arg(6, 20));
+        if !matches!(kind, "new_flow" | "established") {
+            eprintln!("unknown scenario {scenario}: spread-new_flow or spread-established");
+            std::process::exit(2);
+        }
+        spread(kind, services, flows, batches, templates, arg(6, 20).max(1));
         return;
     }
     let mut s = Setup::new(services, flows, templates);
