@@ -430,6 +430,14 @@ impl Scheduler {
         )
     }
 
+    /// Whether this is a random pick over candidates that all have a weight (kube-proxy's
+    /// case): the pick is then [`uniform_pick`] of the flow hash and the number of
+    /// candidates, and reads nothing but the picked candidate.
+    #[inline]
+    pub fn is_uniform_random(&self) -> bool {
+        self.algorithm == Algorithm::Random && self.n > 0 && self.table.len() == self.n as usize
+    }
+
     /// Whether picks read the backend connection counts (IPVS lc, wlc, sed, nq): only flows
     /// of such services are counted ([`crate::conntrack::Flow::counted`]).
     #[inline]
@@ -487,12 +495,11 @@ impl Scheduler {
                 if len == 0 {
                     return None;
                 }
-                let i = hash_below(key.flow_hash, len);
                 // Every candidate has a weight: the table is the identity, not read.
                 if len == self.n {
-                    i as u16
+                    uniform_pick(key.flow_hash, len as usize)
                 } else {
-                    self.table[i as usize]
+                    self.table[hash_below(key.flow_hash, len) as usize]
                 }
             }
             Algorithm::RoundRobin | Algorithm::WeightedRoundRobin => {
@@ -524,6 +531,13 @@ impl Scheduler {
         // Cheap guard against a caller passing a different slice than `new` got.
         (usize::from(index) < candidates.len()).then_some(index)
     }
+}
+
+/// The candidate a random scheduler picks for a flow whose hash is `flow_hash`, among `n > 0`
+/// candidates that all have a weight ([`Scheduler::is_uniform_random`]).
+#[inline(always)]
+pub fn uniform_pick(flow_hash: u64, n: usize) -> u16 {
+    hash_below(flow_hash, n.min(MAX_CANDIDATES) as u32) as u16
 }
 
 /// Uniform in `0..n` (n > 0) from a 64-bit hash: the hash is mixed (so its bits that chose the

@@ -31,7 +31,7 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use crate::affinity::AffinityTable;
-use crate::balance::{Candidate, ConnCounts, PickKey};
+use crate::balance::{uniform_pick, Candidate, ConnCounts, PickKey};
 use crate::conntrack::{Conntrack, Dir, Flow, FlowKey, Timeouts, HOP_NONE, HOP_UNRESOLVED};
 use crate::counters::{Counters, DropReason, PassReason};
 use crate::frag::FragTable;
@@ -186,12 +186,14 @@ const CHUNK: usize = 64;
 ///    (most likely a new flow): prefetch its frontend slot (and, the table being full, the
 ///    records of the flows the clock hand would evict for as many new flows,
 ///    [`Conntrack::prefetch_clock`]); then, only when the chunk has such keys:
-///    - 2a: look their frontends up and prefetch the first line of the service ports they
-///      lead to;
+///    - 2a: look their frontends up; where the frontend's slot holds the port's candidates
+///      (kube-proxy's case: random, no affinity; [`Tables::frontend_quick`]) prefetch the
+///      candidate the flow will get, which is all a new flow reads of the service; otherwise
+///      prefetch the first line of the service port;
 ///
 ///    and only when the chunk has new flows:
-///    - 2b: prefetch what the services' schedulers will read (for random, just the candidate
-///      it will pick; see [`crate::balance::Scheduler::prefetch`]);
+///    - 2b: for the ports 2a prefetched, prefetch what their schedulers will read (see
+///      [`crate::balance::Scheduler::prefetch`]);
 ///    - 2c: prefetch what evicting a flow for each of them writes
 ///      ([`Conntrack::prefetch_evictions`]); where the scheduler's pick is a pure function of
 ///      the packet (random, sh, dh, Maglev, without session affinity), pick now, hash the
@@ -302,9 +304,20 @@ impl Lane {
 #[derive(Clone, Copy)]
 struct Miss<'t> {
     fe: Option<Frontend>,
-    /// The service port `fe` leads to, looked up once (pass 2a) for passes 2b, 2c and 3.
+    /// The service port `fe` leads to, looked up once (pass 2a) for passes 2b, 2c and 3;
+    /// `None` when `quick` has what a new flow needs (the port is then not read).
     svc: Option<&'t ServicePort>,
+    /// The port's candidates, from the frontend's slot, when a new flow needs nothing else.
+    quick: Option<&'t [Candidate]>,
     ahead: Ahead,
+}
+
+impl<'t> Miss<'t> {
+    /// The candidates of the service port: the slot's when it has them, else the port's.
+    #[inline(always)]
+    fn candidates(&self) -> Option<&'t [Candidate]> {
+        self.quick.or_else(|| self.svc.map(ServicePort::candidates))
+    }
 }
 
 /// What pass 2c decided ahead for a new flow ([`pick_ahead`]).
@@ -389,15 +402,28 @@ fn process_chunk(
     w.ct.prefetch_clock(missed.count_ones() as usize);
     let mut new_flows = 0;
     for i in bits(missed) {
-        let key = &lanes[i].key;
-        let fe = tables.frontend(&frontend_key(key)).copied();
-        let svc = fe.and_then(|fe| tables.service_arc(fe.service));
-        if let Some(svc) = svc {
-            // What a new flow reads of it is its first line.
-            prefetch(Arc::as_ptr(svc));
-            new_flows += 1;
+        let l = &lanes[i];
+        let (fe, quick) = match tables.frontend_quick(&frontend_key(&l.key)) {
+            Some((fe, quick)) => (Some(*fe), quick),
+            None => (None, None),
+        };
+        let mut svc = None;
+        match quick {
+            // The pick is known already: start loading the candidate itself.
+            Some(c) => {
+                prefetch(c.as_ptr().wrapping_add(usize::from(uniform_pick(l.h, c.len()))));
+                new_flows += 1;
+            }
+            None => {
+                svc = fe.and_then(|fe| tables.service_arc(fe.service));
+                if let Some(svc) = svc {
+                    // What a new flow reads of it is its first line.
+                    prefetch(Arc::as_ptr(svc));
+                    new_flows += 1;
+                }
+            }
         }
-        miss[i].write(Miss { fe, svc: svc.map(|s| &**s), ahead: Ahead::default() });
+        miss[i].write(Miss { fe, svc: svc.map(|s| &**s), quick, ahead: Ahead::default() });
     }
     if new_flows > 0 {
         for i in bits(missed) {
@@ -410,7 +436,7 @@ fn process_chunk(
         for i in bits(missed) {
             let (l, m) = (&lanes[i], written(&miss, missed, i));
             if let Some(fe) = m.fe {
-                let ahead = pick_ahead(tables, w, &l.key, l.h, &fe, m.svc);
+                let ahead = pick_ahead(tables, w, &l.key, l.h, &fe, m);
                 // SAFETY: `i` is in `missed`, every frame of which pass 2a wrote (`written`
                 // read it just above).
                 unsafe { miss[i].assume_init_mut() }.ahead = ahead;
@@ -550,9 +576,9 @@ fn fresh(
     routes: &crate::tables::Routes,
     now: u64,
 ) -> Option<u32> {
-    let (a, svc) = (m.ahead.pick?, m.svc?);
+    let (a, fe) = (m.ahead.pick?, m.fe?);
     // Pure schedulers read no connection counts, so the flow is not counted (`insert_new`).
-    debug_assert!(!svc.scheduler().reads_conns());
+    debug_assert!(m.svc.is_none_or(|svc| !svc.scheduler().reads_conns()));
     // `h_direct` is 0 for a flow that needs source NAT (or, once in 2^64 flows, a reply key
     // hashing to 0: the general path then does the same work).
     if a.h_direct == 0 {
@@ -568,7 +594,7 @@ fn fresh(
     if flags & tcp_flags::RST != 0 {
         return None;
     }
-    let cand = *svc.candidates().get(usize::from(a.ci))?;
+    let cand = *m.candidates()?.get(usize::from(a.ci))?;
     // NetworkPolicy sees the backend pod, as in `new_flow`.
     t.policy().check(key.src, cand.ip, key.proto, cand.port).ok()?;
     let reply = direct_reply(&key, &cand);
@@ -584,7 +610,7 @@ fn fresh(
     let idx = w.ct.insert_new(
         (key, l.h),
         (reply, a.h_direct),
-        (svc.id(), cand.id),
+        (fe.service, cand.id),
         t.generation(),
         hops,
         flags,
@@ -713,7 +739,7 @@ fn l4(
     }
     if let Some(fe) = fe {
         let (svc, ahead) = match miss {
-            Some(m) => (m.svc, &m.ahead),
+            Some(m) => (m.svc.or_else(|| t.service(fe.service)), &m.ahead),
             None => (t.service(fe.service), &Ahead::default()),
         };
         return new_flow(f, o, t, w, now, key, h, fe, svc, flags, ahead);
@@ -878,29 +904,32 @@ fn pick_ahead(
     key: &FlowKey,
     h: u64,
     fe: &Frontend,
-    svc: Option<&ServicePort>,
+    m: &Miss<'_>,
 ) -> Ahead {
     if w.workers > 1 && !w.local_only && owner_of(t, key.src, key.sport, w.workers) != w.worker_id {
         return Ahead::default();
     }
-    Ahead { pick: svc.and_then(|svc| pick_now(svc, w, key, h, fe)) }
+    Ahead { pick: pick_now(m, w, key, h, fe) }
 }
 
 /// [`pick_ahead`]'s pick, with its prefetches.
 #[inline(always)]
-fn pick_now(
-    svc: &ServicePort,
-    w: &WorkerState,
-    key: &FlowKey,
-    h: u64,
-    fe: &Frontend,
-) -> Option<Pick> {
-    if svc.affinity_timeout_s().is_some() || !svc.scheduler().pick_is_pure() {
-        return None;
-    }
-    let pk = pick_key(key, h);
-    let ci = svc.scheduler().pick(svc.candidates(), &pk, &w.conns)?;
-    let cand = svc.candidates()[usize::from(ci)];
+fn pick_now(m: &Miss<'_>, w: &WorkerState, key: &FlowKey, h: u64, fe: &Frontend) -> Option<Pick> {
+    let (ci, cand) = match m.quick {
+        // The slot's candidates: what the port's scheduler would pick, without reading it.
+        Some(c) => {
+            let ci = uniform_pick(h, c.len());
+            (ci, *c.get(usize::from(ci))?)
+        }
+        None => {
+            let svc = m.svc?;
+            if svc.affinity_timeout_s().is_some() || !svc.scheduler().pick_is_pure() {
+                return None;
+            }
+            let ci = svc.scheduler().pick(svc.candidates(), &pick_key(key, h), &w.conns)?;
+            (ci, svc.candidates()[usize::from(ci)])
+        }
+    };
     // (No connection count to prefetch: a pure scheduler's flows are not counted.)
     let h_direct = if needs_snat(fe, &cand, key) {
         0

@@ -22,6 +22,12 @@
 //!   changed (a few dozen entries each at 10,000 services). A lookup usually reads one cache
 //!   line whose address follows from the key, so the batch pipeline prefetches it.
 //! - A service port's first cache line holds what a new flow reads of it (see [`ServicePort`]).
+//! - For kube-proxy's case, a new flow does not read the port at all: when the port's
+//!   scheduler is a uniform random pick and it has no session affinity, each probe slot of its
+//!   frontends holds its candidates ([`ServicePort::quick`], shared by `Arc`), so the new flow
+//!   reads the frontend's line and the candidate it picks. The tables know each port's
+//!   frontends, and every change of a port remakes their probe tables: a slot always holds the
+//!   candidates of the port its generation has, or none.
 
 use core::net::Ipv4Addr;
 use std::collections::HashMap;
@@ -185,7 +191,7 @@ pub struct ServiceSpec {
 #[repr(C, align(64))]
 pub struct ServicePort {
     /// `selectable` as the scheduler sees it.
-    candidates: Box<[Candidate]>,
+    candidates: Arc<[Candidate]>,
     sched: Scheduler,
     /// `spec.id`, here for the first line.
     id: ServiceId,
@@ -223,7 +229,7 @@ impl ServicePort {
         } else {
             ready.into()
         };
-        let candidates: Box<[Candidate]> = selectable
+        let candidates: Arc<[Candidate]> = selectable
             .iter()
             .map(|&i| {
                 let b = &backends[usize::from(i)];
@@ -273,6 +279,14 @@ impl ServicePort {
     /// The selectable backends as scheduler candidates.
     pub fn candidates(&self) -> &[Candidate] {
         &self.candidates
+    }
+    /// The candidates again, shared, when a new flow needs nothing else of the port: its
+    /// scheduler is random with every candidate weighted (kube-proxy's case; the pick is then
+    /// [`crate::balance::uniform_pick`] of the flow hash) and it has no session affinity. The
+    /// probe slots of the port's frontends hold them ([`Tables::frontend_quick`]).
+    pub fn quick(&self) -> Option<Arc<[Candidate]>> {
+        (self.affinity_timeout_s.is_none() && self.sched.is_uniform_random())
+            .then(|| self.candidates.clone())
     }
     /// The prepared scheduler.
     pub fn scheduler(&self) -> &Scheduler {
@@ -473,19 +487,25 @@ fn frontend_shard(k: &FrontendKey) -> usize {
     ((k.ip ^ u32::from(k.port).wrapping_mul(0x85EB_CA6B)).wrapping_mul(0x9E37_79B1) >> 24) as usize
 }
 
-/// One slot of a frontend shard's probe table ([`Tables::frontend`]); 16 bytes and aligned to
-/// them, so a slot never straddles two cache lines.
-#[derive(Clone, Copy, Debug)]
-#[repr(C, align(16))]
+/// One slot of a frontend shard's probe table ([`Tables::frontend_quick`]); 32 bytes and
+/// aligned to them, so a slot never straddles two cache lines.
+#[derive(Clone, Debug)]
+#[repr(C, align(32))]
 struct FrontendSlot {
     key: FrontendKey,
     /// `service` 0 marks an empty slot (service ids are never 0).
     fe: Frontend,
+    /// [`ServicePort::quick`] of the port `fe` leads to, as the tables of this generation hold
+    /// it (`build` remakes the probe table of every frontend of a port that changed).
+    quick: Option<Arc<[Candidate]>>,
 }
+
+const _: () = assert!(size_of::<FrontendSlot>() == 32);
 
 const EMPTY_SLOT: FrontendSlot = FrontendSlot {
     key: FrontendKey { ip: 0, port: 0, proto: 0 },
     fe: Frontend { service: 0, kind: FrontendKind::ClusterIp, masquerade_remote: false },
+    quick: None,
 };
 
 /// A frontend shard's probe table: the shard's map copied into a power-of-two number of slots,
@@ -506,7 +526,10 @@ impl Default for Probes {
     }
 }
 
-fn probe_table(map: &HashMap<FrontendKey, Frontend, RandomState>) -> ProbeTable {
+fn probe_table(
+    map: &HashMap<FrontendKey, Frontend, RandomState>,
+    quick: impl Fn(ServiceId) -> Option<Arc<[Candidate]>>,
+) -> ProbeTable {
     if map.is_empty() {
         return Arc::new([]);
     }
@@ -517,7 +540,7 @@ fn probe_table(map: &HashMap<FrontendKey, Frontend, RandomState>) -> ProbeTable 
         while slots[i].fe.service != 0 {
             i = (i + 1) & (n - 1);
         }
-        slots[i] = FrontendSlot { key: *k, fe: *fe };
+        slots[i] = FrontendSlot { key: *k, fe: *fe, quick: quick(fe.service) };
     }
     slots.into()
 }
@@ -543,6 +566,9 @@ pub struct Tables {
     frontends: Sharded<FrontendKey, Frontend>,
     /// The frontend shards' probe tables, one per shard (what the packet path reads).
     probes: Probes,
+    /// Per service id, the frontends that lead to it (sharded by id): a change of the port
+    /// remakes the probe tables holding its candidates.
+    fronts: Sharded<ServiceId, Vec<FrontendKey>>,
     /// Frontend addresses with their number of frontends, for ICMP echo to a service address.
     vips: Sharded<u32, u32>,
     /// Service slots by id in chunks of [`CHUNK`]; slot 0 is always empty.
@@ -567,6 +593,13 @@ impl Tables {
     /// Frontend lookup.
     #[inline]
     pub fn frontend(&self, key: &FrontendKey) -> Option<&Frontend> {
+        self.frontend_quick(key).map(|(fe, _)| fe)
+    }
+    /// Frontend lookup, with the candidates of the service port it leads to when a new flow
+    /// needs nothing else of the port ([`ServicePort::quick`]): the same cache line, so such a
+    /// new flow does not read the port at all.
+    #[inline(always)]
+    pub fn frontend_quick(&self, key: &FrontendKey) -> Option<(&Frontend, Option<&[Candidate]>)> {
         let slots = self.probes.0.get(frontend_shard(key))?;
         let mask = slots.len().wrapping_sub(1);
         let mut i = frontend_slot(key) & mask;
@@ -576,7 +609,7 @@ impl Tables {
                 return None;
             }
             if s.key == *key {
-                return Some(&s.fe);
+                return Some((&s.fe, s.quick.as_deref()));
             }
             i = (i + 1) & mask;
         }
@@ -695,12 +728,38 @@ impl TablesBuilder {
         if svc.backends().iter().any(|b| b.id == 0) {
             return Err(TableError::ZeroBackendId(id));
         }
+        if self.t.service_arc(id).is_some_and(|cur| Arc::ptr_eq(cur, &svc)) {
+            return Ok(());
+        }
         let i = id as usize;
         while self.t.services.len() <= i / CHUNK {
             self.t.services.push(Arc::new([const { None }; CHUNK]));
         }
         Arc::make_mut(&mut self.t.services[i / CHUNK])[i % CHUNK] = Some(svc);
+        // Its frontends' probe slots hold its candidates.
+        self.frontends_changed(id);
         Ok(())
+    }
+    /// Marks the shards of the frontends leading to service `id` as changed.
+    fn frontends_changed(&mut self, id: ServiceId) {
+        if let Some(keys) = self.t.fronts.get(id as usize, &id) {
+            for k in keys {
+                let shard = frontend_shard(k);
+                self.changed[shard / 64] |= 1 << (shard % 64);
+            }
+        }
+    }
+    /// Records that frontend `key` leads to service `id` (`link`) or no longer does.
+    fn link(&mut self, id: ServiceId, key: &FrontendKey, link: bool) {
+        let map = self.t.fronts.get_mut(id as usize);
+        if link {
+            map.entry(id).or_default().push(*key);
+        } else if let Some(keys) = map.get_mut(&id) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                map.remove(&id);
+            }
+        }
     }
     /// Removes a service port and, of `frontends`, those leading to it. The caller names the
     /// port's frontends (the control socket's applier tracks them), so removal never scans
@@ -716,6 +775,8 @@ impl TablesBuilder {
         let i = id as usize;
         if self.t.service_arc(id).is_some() {
             Arc::make_mut(&mut self.t.services[i / CHUNK])[i % CHUNK] = None;
+            // Frontends not named (a caller bug) lose the port's candidates too.
+            self.frontends_changed(id);
         }
     }
     /// Adds or replaces a frontend.
@@ -733,8 +794,16 @@ impl TablesBuilder {
         }
         let shard = frontend_shard(&key);
         self.changed[shard / 64] |= 1 << (shard % 64);
-        if self.t.frontends.get_mut(shard).insert(key, fe).is_none() {
-            *self.t.vips.get_mut(vip_shard(key.ip)).entry(key.ip).or_insert(0) += 1;
+        match self.t.frontends.get_mut(shard).insert(key, fe) {
+            None => {
+                *self.t.vips.get_mut(vip_shard(key.ip)).entry(key.ip).or_insert(0) += 1;
+                self.link(fe.service, &key, true);
+            }
+            Some(old) if old.service != fe.service => {
+                self.link(old.service, &key, false);
+                self.link(fe.service, &key, true);
+            }
+            Some(_) => {}
         }
         Ok(())
     }
@@ -745,7 +814,9 @@ impl TablesBuilder {
             return;
         }
         self.changed[shard / 64] |= 1 << (shard % 64);
-        self.t.frontends.get_mut(shard).remove(key);
+        if let Some(old) = self.t.frontends.get_mut(shard).remove(key) {
+            self.link(old.service, key, false);
+        }
         let vips = self.t.vips.get_mut(vip_shard(key.ip));
         if let Some(n) = vips.get_mut(&key.ip) {
             *n -= 1;
@@ -776,7 +847,11 @@ impl TablesBuilder {
     pub fn build(mut self) -> Tables {
         for shard in 0..SHARDS {
             if self.changed[shard / 64] & (1 << (shard % 64)) != 0 {
-                self.t.probes.0[shard] = probe_table(&self.t.frontends.shards[shard]);
+                let t = &self.t;
+                let p = probe_table(&t.frontends.shards[shard], |id| {
+                    t.service(id).and_then(ServicePort::quick)
+                });
+                self.t.probes.0[shard] = p;
             }
         }
         self.t
@@ -883,6 +958,149 @@ mod tests {
         assert!(t3.is_vip(key(6, 53).ip));
         assert_eq!(t3.services().count(), 1_999);
         assert_eq!(t3.frontends().len(), 1_999);
+    }
+
+    /// A change to the tables, for [`frontend_slots_hold_their_ports_candidates`].
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Service id, algorithm (0 random, 1 Maglev, 2 rr), affinity, backend weights (0:
+        /// no weight; more than 3: not ready).
+        Service(ServiceId, u8, bool, Vec<u16>),
+        Frontend(usize, ServiceId),
+        RemoveFrontend(usize),
+        /// Service id, and whether its frontends are named.
+        RemoveService(ServiceId, bool),
+        /// Builds the generation and starts the next.
+        Build,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (1u32..4, 0u8..3, any::<bool>(), proptest::collection::vec(0u16..5, 0..4))
+                .prop_map(|(id, a, aff, w)| Op::Service(id, a, aff, w)),
+            3 => (0usize..8, 1u32..4).prop_map(|(k, id)| Op::Frontend(k, id)),
+            1 => (0usize..8).prop_map(Op::RemoveFrontend),
+            2 => (1u32..4, any::<bool>()).prop_map(|(id, named)| Op::RemoveService(id, named)),
+            2 => Just(Op::Build),
+        ]
+    }
+
+    /// Frontend keys of the test: two ports on four addresses.
+    fn fkey(k: usize) -> FrontendKey {
+        key(k as u32 / 2, 53 + (k % 2) as u16)
+    }
+
+    /// The invariant the packet path relies on: each frontend's slot holds exactly the
+    /// candidates (`ServicePort::quick`) of the port this generation has for it.
+    fn check_slots(t: &Tables) -> Result<(), proptest::test_runner::TestCaseError> {
+        use proptest::prelude::*;
+        for k in 0..8 {
+            let k = fkey(k);
+            let map = t.frontends.get(frontend_shard(&k), &k);
+            let Some((fe, quick)) = t.frontend_quick(&k) else {
+                prop_assert!(map.is_none(), "{k:?} in the map, not in the probe table");
+                continue;
+            };
+            prop_assert_eq!(Some(fe), map);
+            let port = t.service(fe.service);
+            let want = port.and_then(ServicePort::quick);
+            prop_assert_eq!(quick, want.as_deref(), "{:?} -> {}", k, fe.service);
+            if let (Some(q), Some(p)) = (quick, port) {
+                // The port's own candidates, shared, not a copy.
+                prop_assert!(std::ptr::eq(q, p.candidates()));
+                prop_assert!(p.scheduler().is_uniform_random());
+                prop_assert!(p.affinity_timeout_s().is_none());
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_frontend_left_on_a_removed_port_loses_its_candidates() {
+        let mut b = Tables::builder(1);
+        let be = Backend::ready(9, Ipv4Addr::new(10, 200, 0, 9), 80);
+        b.upsert_service(Arc::new(ServicePort::new(spec(1), vec![be]))).unwrap();
+        b.upsert_frontend(fkey(0), fe(1)).unwrap();
+        let t1 = b.build();
+        assert_eq!(t1.frontend_quick(&fkey(0)).unwrap().1.unwrap()[0].id, 9);
+        let mut b = t1.next();
+        // Not named: the frontend stays, leading nowhere (a caller bug the pipeline counts).
+        b.remove_service(1, &[]);
+        let t2 = b.build();
+        assert_eq!(t2.frontend_quick(&fkey(0)), Some((&fe(1), None)));
+        check_slots(&t2).unwrap();
+        check_slots(&t1).unwrap();
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Whatever sequence of changes, in whatever generations: each frontend's probe slot
+        /// holds the candidates of the port its generation has, and earlier generations keep
+        /// theirs.
+        #[test]
+        fn frontend_slots_hold_their_ports_candidates(
+            ops in proptest::collection::vec(op(), 1..40)
+        ) {
+            let mut done: Vec<Tables> = vec![Tables::empty()];
+            let mut b = Tables::builder(1);
+            let mut next_backend = 1;
+            for op in ops {
+                match op {
+                    Op::Service(id, a, aff, weights) => {
+                        let algorithm = [Algorithm::Random, Algorithm::Maglev, Algorithm::RoundRobin]
+                            [usize::from(a)];
+                        let backends = weights
+                            .iter()
+                            .map(|&w| {
+                                next_backend += 1;
+                                let ip = Ipv4Addr::from(0x0ac8_0000 + next_backend);
+                                let mut be = Backend::ready(next_backend, ip, 8080);
+                                be.weight = w.min(3);
+                                be.ready = w <= 3;
+                                be
+                            })
+                            .collect();
+                        let s = ServiceSpec {
+                            algorithm,
+                            affinity_timeout_s: aff.then_some(60),
+                            maglev_size: 251,
+                            ..spec(id)
+                        };
+                        b.upsert_service(Arc::new(ServicePort::new(s, backends))).unwrap();
+                    }
+                    Op::Frontend(k, id) => {
+                        // Refused (and nothing changed) when the service is not there.
+                        let had = b.t.frontends.get(frontend_shard(&fkey(k)), &fkey(k)).copied();
+                        if b.upsert_frontend(fkey(k), fe(id)).is_err() {
+                            let now = b.t.frontends.get(frontend_shard(&fkey(k)), &fkey(k));
+                            proptest::prop_assert_eq!(now.copied(), had);
+                        }
+                    }
+                    Op::RemoveFrontend(k) => b.remove_frontend(&fkey(k)),
+                    Op::RemoveService(id, named) => {
+                        let keys: Vec<FrontendKey> = if named {
+                            (0..8).map(fkey).collect()
+                        } else {
+                            Vec::new()
+                        };
+                        b.remove_service(id, &keys);
+                    }
+                    Op::Build => {
+                        let t = b.build();
+                        check_slots(&t)?;
+                        b = t.next();
+                        done.push(t);
+                    }
+                }
+            }
+            let t = b.build();
+            check_slots(&t)?;
+            for old in &done {
+                check_slots(old)?;
+            }
+        }
     }
 
     #[test]
