@@ -567,8 +567,9 @@ pub struct Tables {
     /// The frontend shards' probe tables, one per shard (what the packet path reads).
     probes: Probes,
     /// Per service id, the frontends that lead to it (sharded by id): a change of the port
-    /// remakes the probe tables holding its candidates.
-    fronts: Sharded<ServiceId, Vec<FrontendKey>>,
+    /// remakes the probe tables holding its candidates. Behind one more `Arc`, so that a
+    /// generation that changes no frontend (an endpoint change) copies one pointer, not 256.
+    fronts: Arc<Sharded<ServiceId, Vec<FrontendKey>>>,
     /// Frontend addresses with their number of frontends, for ICMP echo to a service address.
     vips: Sharded<u32, u32>,
     /// Service slots by id in chunks of [`CHUNK`]; slot 0 is always empty.
@@ -751,7 +752,7 @@ impl TablesBuilder {
     }
     /// Records that frontend `key` leads to service `id` (`link`) or no longer does.
     fn link(&mut self, id: ServiceId, key: &FrontendKey, link: bool) {
-        let map = self.t.fronts.get_mut(id as usize);
+        let map = Arc::make_mut(&mut self.t.fronts).get_mut(id as usize);
         if link {
             map.entry(id).or_default().push(*key);
         } else if let Some(keys) = map.get_mut(&id) {
