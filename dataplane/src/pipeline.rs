@@ -579,6 +579,10 @@ fn fresh(
     let (a, fe) = (m.ahead.pick?, m.fe?);
     // Pure schedulers read no connection counts, so the flow is not counted (`insert_new`).
     debug_assert!(m.svc.is_none_or(|svc| !svc.scheduler().reads_conns()));
+    // A pick made ahead (from the frontend's slot or from the port) is the port's scheduler's.
+    debug_assert!(t.service(fe.service).is_some_and(|s| {
+        s.scheduler().pick(s.candidates(), &pick_key(&l.key, l.h), &w.conns) == Some(a.ci)
+    }));
     // `h_direct` is 0 for a flow that needs source NAT (or, once in 2^64 flows, a reply key
     // hashing to 0: the general path then does the same work).
     if a.h_direct == 0 {
