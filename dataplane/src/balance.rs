@@ -459,9 +459,9 @@ impl Scheduler {
     pub fn prefetch(&self, candidates: &[Candidate], key: &PickKey) {
         let (t, len) = (self.table.as_ptr(), self.table.len());
         match self.algorithm {
-            Algorithm::Random if len == self.n as usize && len > 0 => {
-                let i = hash_below(key.flow_hash, self.n) as usize;
-                crate::mem::prefetch(candidates.as_ptr().wrapping_add(i));
+            Algorithm::Random if self.is_uniform_random() => {
+                let i = uniform_pick(key.flow_hash, candidates.len());
+                crate::mem::prefetch(candidates.as_ptr().wrapping_add(usize::from(i)));
                 return;
             }
             Algorithm::Maglev if len > 0 => {
