@@ -179,10 +179,11 @@ const CHUNK: usize = 64;
 /// The work is done in passes over each chunk of up to 64 frames, as VPP and DPDK do, so that
 /// the cache misses of the whole chunk overlap instead of being paid one after the other:
 /// 1. parse each frame, hash its 5-tuple and prefetch the key's first conntrack index line
-///    (where most keys are);
+///    (where all but a few keys in a thousand are);
 /// 2. read the tags in that line and prefetch the flow records they point at; for a key with
-///    no matching tag there, prefetch its second index line, and read that one's tags after
-///    the other frames' first ones. A key with no matching tag in either is not in conntrack
+///    no matching tag there whose first bucket counts keys overflowed into their second
+///    (rare), prefetch its second index line, and read that one's tags after the other
+///    frames' first ones. A key with no matching tag in either is not in conntrack
 ///    (most likely a new flow): prefetch its frontend slot (and, the table being full, the
 ///    records of the flows the clock hand would evict for as many new flows,
 ///    [`Conntrack::prefetch_clock`]); then, only when the chunk has such keys:
@@ -197,8 +198,8 @@ const CHUNK: usize = 64;
 ///    - 2c: prefetch what evicting a flow for each of them writes
 ///      ([`Conntrack::prefetch_evictions`]); where the scheduler's pick is a pure function of
 ///      the packet (random, sh, dh, Maglev, without session affinity), pick now, hash the
-///      reply key the new flow would have and prefetch its conntrack index lines (checked for
-///      a clash);
+///      reply key the new flow would have and prefetch its first conntrack index line (where
+///      the check for a clash and the insert almost always end);
 /// 3. process each frame in order, reusing the parse, the hash, the frontend and the pick; a
 ///    packet of a known flow in a common frame takes a fast path ([`established`]) that
 ///    confirms pass 2's tag match instead of searching again, the first packet of a new flow
@@ -939,7 +940,7 @@ fn pick_now(m: &Miss<'_>, w: &WorkerState, key: &FlowKey, h: u64, fe: &Frontend)
         0
     } else {
         let hr = w.ct.hash(&direct_reply(key, &cand));
-        w.ct.prefetch_buckets(hr);
+        w.ct.prefetch_first_bucket(hr);
         hr
     };
     Some(Pick { ci, h_direct })
