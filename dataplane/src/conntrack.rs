@@ -36,9 +36,9 @@
 //!   instead of 1.4: choosing the less loaded of the two buckets, as this index did before at
 //!   0.8 load, put a third of the keys in their second bucket and needed both lines to
 //!   insert or to miss. The index is twice the size for it: 32 MB at a million flows, beside
-//!   a 128 MB slab. When both
-//!   buckets of a new key are full, a key already there is first moved to its other
-//!   candidate bucket if that has room (one cuckoo step), so the table holds its full
+//!   a 128 MB slab.
+//! - When both buckets of a new key are full, a key already there is first moved to its
+//!   other candidate bucket if that has room (one cuckoo step), so the table holds its full
 //!   capacity without evicting; only if none can move is the oldest flow there evicted.
 //! - When the slab is full, the victim is chosen by a clock over the slab (second chance, as
 //!   page replacement does it): a hand moves over the entries in order and takes the first
@@ -92,7 +92,8 @@ pub const WAYS: usize = 10;
 /// find a victim; the next one is taken whatever its mark.
 const CLOCK_SCAN: usize = 32;
 const REPLY_BIT: u32 = 1 << 31;
-/// Largest capacity: slot positions (`bucket << 4 | way`) must fit in 32 bits.
+/// Largest capacity: slot positions (`bucket << 4 | way`) must fit in 31 bits, the top one
+/// being [`IN_SECOND`] (at most `2^26` buckets of the index at this capacity: below).
 const MAX_CAPACITY: usize = 1 << 27;
 const ALL_WAYS: u32 = (1 << WAYS) - 1;
 
@@ -504,6 +505,8 @@ unsafe impl Zeroable for Entry {}
 const TAGS_AT: usize = std::mem::offset_of!(Bucket, tags);
 
 const _: () = {
+    // The largest index's slot positions stay clear of `IN_SECOND`.
+    assert!((index_buckets(MAX_CAPACITY) << 4) <= IN_SECOND as usize);
     assert!(std::mem::size_of::<Bucket>() == 64);
     assert!(TAGS_AT + 24 == 64 && std::mem::offset_of!(Bucket, overflow) == TAGS_AT + 2 * WAYS);
     assert!(std::mem::size_of::<Entry>() == 128);
@@ -618,6 +621,17 @@ fn pos_way(pos: u32) -> usize {
     (pos & 0xf) as usize
 }
 
+/// Index buckets for `capacity` flows: two keys per flow at a load factor of at most 0.5
+/// (module docs: what makes a lookup of a key that is not there read one line).
+const fn index_buckets(capacity: usize) -> usize {
+    let b = (capacity * 2 * 2).div_ceil(WAYS).next_power_of_two();
+    if b < 8 {
+        8
+    } else {
+        b
+    }
+}
+
 #[inline(always)]
 fn slab_index(v: u32) -> u32 {
     (v & !REPLY_BIT) - 1
@@ -671,10 +685,7 @@ impl Conntrack {
         hasher: RandomState,
     ) -> Self {
         let capacity = capacity.clamp(16, MAX_CAPACITY);
-        // Two keys per flow at a load factor of at most 0.5 (module docs: what makes a lookup
-        // of a key that is not there read one line).
-        let buckets = (capacity * 2 * 2).div_ceil(WAYS).next_power_of_two().max(8);
-        Self::with_layout(capacity, buckets, timeouts, conns, hasher)
+        Self::with_layout(capacity, index_buckets(capacity), timeouts, conns, hasher)
     }
 
     /// A table of `capacity` flows (in range) over `buckets` index buckets (a power of two,
