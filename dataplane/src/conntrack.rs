@@ -678,6 +678,26 @@ impl Conntrack {
         )
     }
 
+    /// [`Conntrack::with_seed`] over `buckets` index buckets (a power of two, at least
+    /// `capacity / 5`) instead of the sized number: a crowded index, for tests of the paths
+    /// that keys in their second bucket take.
+    #[cfg(test)]
+    pub(crate) fn crowded(
+        capacity: usize,
+        buckets: usize,
+        conns: Arc<ConnCounts>,
+        seed: u64,
+    ) -> Self {
+        let hasher = RandomState::with_seed(seed, SharedSeed::global_fixed());
+        Self::with_layout(capacity, buckets, Timeouts::default(), conns, hasher)
+    }
+
+    /// Keys now in their second bucket (tests).
+    #[cfg(test)]
+    pub(crate) fn keys_in_second(&self) -> usize {
+        self.iter().flat_map(|f| f.slots).filter(|s| s & IN_SECOND != 0).count()
+    }
+
     fn with_hasher(
         capacity: usize,
         timeouts: Timeouts,
@@ -1467,14 +1487,11 @@ mod tests {
 
     /// A table of `cap` flows over `buckets` buckets, fixed seed: crowded on purpose.
     fn crowded(cap: usize, buckets: usize, seed: u64) -> Conntrack {
-        let hasher = RandomState::with_seed(seed, SharedSeed::global_fixed());
-        let conns = Arc::new(ConnCounts::new(16));
-        Conntrack::with_layout(cap, buckets, Timeouts::default(), conns, hasher)
+        Conntrack::crowded(cap, buckets, Arc::new(ConnCounts::new(16)), seed)
     }
 
-    /// Keys sitting in their second bucket.
     fn in_second(ct: &Conntrack) -> usize {
-        ct.iter().flat_map(|f| f.slots).filter(|s| s & IN_SECOND != 0).count()
+        ct.keys_in_second()
     }
 
     /// What a lookup finds, without removing an expired flow.
