@@ -1728,19 +1728,28 @@ mod tests {
         assert_ne!(backend_of(1, 64, VIP + 1), backend_of(0xdead_beef, 64, VIP + 1));
     }
 
+    /// `frames` UDP frames to the seven services of [`mixed_tables`] from `clients` clients
+    /// over `ports` source ports; frame `n` with `n % every.0 == every.1` is a backend's reply
+    /// (to a flow of the same client and port, when there is one).
+    fn mixed_traffic(frames: u32, clients: u32, ports: u32, every: (u32, u32)) -> Vec<Vec<u8>> {
+        (0..frames)
+            .map(|n| {
+                let (c, s) = (CLIENT + 1 + n % clients, 1 + n % 7);
+                let sport = 1000 + (n % ports) as u16;
+                if n % every.0 == every.1 {
+                    udp(BACKEND + s * 16 + (n % 3), 5353, c, sport)
+                } else {
+                    udp(c, sport, VIP + s, 53)
+                }
+            })
+            .collect()
+    }
+
     #[test]
     fn picking_ahead_gives_what_frames_one_by_one_give() {
         // New flows to every kind of service (picked ahead or not, with affinity, hairpin and
         // masquerade), repeats, replies; a small table, so new flows evict.
-        let mut pkts = Vec::new();
-        for n in 0..400u32 {
-            let (c, s) = (CLIENT + 1 + n % 5, 1 + n % 7);
-            let sport = 1000 + (n % 90) as u16;
-            pkts.push(match n % 9 {
-                4 => udp(BACKEND + s * 16 + (n % 3), 5353, c, sport),
-                _ => udp(c, sport, VIP + s, 53),
-            });
-        }
+        let pkts = mixed_traffic(400, 5, 90, (9, 4));
         // Tables each (the round-robin cursor lives in them), the same hash seed, so random and Maglev pick alike in both.
         let seeded = || {
             let mut w = worker(32);
@@ -1769,15 +1778,7 @@ mod tests {
         // overflow into their second bucket: the batch pipeline's probes (second line read
         // only on a non-zero count), its picks ahead and the new-flow and established fast
         // paths give what frames one by one give. New flows, repeats and replies.
-        let mut pkts = Vec::new();
-        for n in 0..600u32 {
-            let (c, s) = (CLIENT + 1 + n % 11, 1 + n % 7);
-            let sport = 1000 + (n % 70) as u16;
-            pkts.push(match n % 5 {
-                3 => udp(BACKEND + s * 16 + (n % 3), 5353, c, sport),
-                _ => udp(c, sport, VIP + s, 53),
-            });
-        }
+        let pkts = mixed_traffic(600, 11, 70, (5, 3));
         // Room for every client's affinity (the affinity table's hash is seeded at random: an
         // eviction there would make the two runs differ for a reason of its own).
         let crowded = || {
