@@ -21,6 +21,12 @@
 //! a few tens of milliseconds, alternated, put that drift on both sides alike. Single rounds
 //! still vary (on the development machine, ratios of 1.0 to 1.2 within one run), so it
 //! prints each round's ratio and their median, and several runs are worth comparing.
+//!
+//! `memory` measures the machine, not the pipeline: the latency of one dependent load (a
+//! pointer chase over a random cycle of cache lines, on huge pages) in working sets from 1 MB
+//! (within this machine's 2 MB L2) through 4-64 MB (its 105 MB L3) to 512 MB (DRAM). The
+//! development machine's L3 is shared with other guests and its speed swings between
+//! spells; these latencies say which spell a measurement was made in.
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +53,15 @@ fn main() {
             std::process::exit(2);
         }
         spread(kind, services, flows, batches, templates, arg(6, 20).max(1));
+        return;
+    }
+    if scenario == "memory" {
+        for mb in [1, 2, 4, 16, 64, 512] {
+            println!(
+                "memory: {mb} MB working set, {:.1} ns a dependent load",
+                load_latency(mb << 20)
+            );
+        }
         return;
     }
     let mut s = Setup::new(services, flows, templates);
@@ -177,6 +192,37 @@ fn spread(kind: &str, services: u32, flows: u32, batches: u32, templates: usize,
         median(&mut ns_many),
         median(&mut ratios)
     );
+}
+
+/// Nanoseconds per load of a pointer chase through a random cycle over the cache lines of a
+/// `bytes`-sized array (Sattolo's shuffle: one cycle through every line), after one untimed
+/// pass. Each load's address comes from the previous load, so loads do not overlap and
+/// hardware prefetchers cannot guess the next line.
+fn load_latency(bytes: usize) -> f64 {
+    const WORDS: usize = 8; // u64s in a cache line
+    let lines = bytes / 64;
+    let mut next = dataplane::mem::HugeArray::<u64>::zeroed(lines * WORDS);
+    let mut order: Vec<usize> = (0..lines).collect();
+    let mut rng = dataplane::balance::FastRng::new(11);
+    for k in (1..lines).rev() {
+        order.swap(k, rng.next_u64() as usize % k);
+    }
+    // `order` is now one cycle: line i's successor is order[i].
+    for (i, &j) in order.iter().enumerate() {
+        next[i * WORDS] = (j * WORDS) as u64;
+    }
+    let chase = |steps: usize| {
+        let mut at = 0usize;
+        for _ in 0..steps {
+            at = next[at] as usize;
+        }
+        std::hint::black_box(at)
+    };
+    chase(lines);
+    let steps = lines.clamp(1 << 20, 1 << 22);
+    let start = Instant::now();
+    chase(steps);
+    start.elapsed().as_nanos() as f64 / steps as f64
 }
 
 fn median(v: &mut [f64]) -> f64 {
