@@ -20,7 +20,8 @@
 //! argument, default 20). A shared machine's speed drifts over seconds to minutes; phases of
 //! a few tens of milliseconds, alternated, put that drift on both sides alike. Single rounds
 //! still vary (on the development machine, ratios of 1.0 to 1.2 within one run), so it
-//! prints each round's ratio and their median, and several runs are worth comparing.
+//! prints each round's ratio and their median, and several runs are worth comparing. It
+//! also prints `memory`'s 64 MB latency, taken before and after, to tag the run's spell.
 //!
 //! `memory` measures the machine, not the pipeline: the latency of one dependent load (a
 //! pointer chase over a random cycle of cache lines, on huge pages) in working sets from 1 MB
@@ -162,6 +163,8 @@ fn per_packet(el: Duration, batches: u32) -> f64 {
 
 /// The `spread-*` scenarios: one service against `services`, phases alternated.
 fn spread(kind: &str, services: u32, flows: u32, batches: u32, templates: usize, rounds: u32) {
+    // The machine's state at the start and the end (see `memory`): a slow spell shows here.
+    let before = load_latency(64 << 20);
     let mut one = Setup::new(1, flows, templates);
     let mut many = Setup::new(services, flows, templates);
     // A first phase of each, untimed: both tables and code warm.
@@ -191,6 +194,10 @@ fn spread(kind: &str, services: u32, flows: u32, batches: u32, templates: usize,
         median(&mut ns_one),
         median(&mut ns_many),
         median(&mut ratios)
+    );
+    println!(
+        "memory: 64 MB working set, {before:.1} ns a dependent load before, {:.1} after",
+        load_latency(64 << 20)
     );
 }
 
